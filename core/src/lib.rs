@@ -1,0 +1,3 @@
+//! Whittle's core: everything that is not pixels or kernels.
+
+pub mod compress;

@@ -1,3 +1,10 @@
-//! Whittle's core: everything that is not pixels or kernels.
+//! Whittle's core: everything that is not pixels or kernels. Model loading and the forward pass (`model`),
+//! evaluation (`eval`), synthetic models (`synth`), the compressors (`compress`).
 
 pub mod compress;
+pub mod error;
+pub mod eval;
+pub mod model;
+pub mod synth;
+
+pub use error::{Result, WhittleError};

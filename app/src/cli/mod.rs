@@ -1,0 +1,62 @@
+//! Command-line interface: one file per subcommand. Results go to stdout (a table, or JSON with `--json`);
+//! progress goes to stderr through indicatif so stdout stays machine-readable.
+
+mod eval;
+mod generate;
+pub mod progress;
+mod synth;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use whittle_core::model::source::{parse_source, resolve, HubProgress};
+use whittle_core::model::{load_model, LoadedModel};
+
+#[derive(Parser, Debug)]
+#[command(name = "whittle", version, about = "Compress large language models and see where the damage happens")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Perplexity (and KL / top-1 against a reference) on a text file.
+    Eval(eval::EvalArgs),
+    /// Generate text from a prompt.
+    Generate(generate::GenerateArgs),
+    /// Write a seeded random-init Llama folder of a real shape (tiny, 1b, 7b).
+    Synth(synth::SynthArgs),
+}
+
+pub fn run(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Eval(a) => eval::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Synth(a) => synth::run(a),
+    }
+}
+
+/// No subcommand: the CLI help (the window arrives with the GUI).
+pub fn run_default() -> Result<()> {
+    use clap::CommandFactory;
+    Cli::command().print_help()?;
+    println!();
+    Ok(())
+}
+
+/// Loads `--model` (folder, Hub id, or the embedded default when omitted), showing download progress on stderr.
+pub fn load(spec: Option<&str>) -> Result<LoadedModel> {
+    let source = parse_source(spec);
+    let bar = progress::bytes_bar("download");
+    let mut report = |p: HubProgress| match p {
+        HubProgress::File { name, index, count, .. } => bar.set_message(format!("{name} ({}/{count})", index + 1)),
+        HubProgress::Bytes { done, total } => {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+    };
+    let dir: PathBuf = resolve(&source, &mut report, &|| false)?;
+    bar.finish_and_clear();
+    Ok(load_model(&dir)?)
+}

@@ -1,0 +1,272 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2): embedding, `num_layers` pre-norm blocks of grouped-query
+//! attention with RoPE and a SwiGLU MLP, final RMSNorm and the LM head. Every linear is a `kernels::Weight`, so the
+//! same forward runs dense f32/f16/bf16 weights, dequantized plans, or packed low-bit weights.
+//! `forward` handles any number of new tokens after what the cache holds (prefill and decode are one code path).
+
+use super::config::ModelConfig;
+use super::kv_cache::{ensure, KvCache, LayerCache, Scratch};
+use super::rope::Rope;
+use rayon::prelude::*;
+use whittle_kernels::{DenseWeight, Weight};
+
+/// The seven linears of a block, in the order calibration visits them.
+pub const LINEAR_KINDS: [&str; 7] =
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+
+/// Which input a linear reads; linears reading the same input share a Hessian.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Site {
+    /// Attention-norm output: q, k, v.
+    AttnIn,
+    /// Attention output: o_proj.
+    OIn,
+    /// MLP-norm output: gate, up.
+    MlpIn,
+    /// SwiGLU product: down_proj.
+    DownIn,
+}
+
+impl Site {
+    pub const ALL: [Site; 4] = [Site::AttnIn, Site::OIn, Site::MlpIn, Site::DownIn];
+    pub fn of_kind(kind: &str) -> Site {
+        match kind {
+            "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" => Site::AttnIn,
+            "self_attn.o_proj" => Site::OIn,
+            "mlp.gate_proj" | "mlp.up_proj" => Site::MlpIn,
+            _ => Site::DownIn,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Weight,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        self.weight.matmul(x, n, y);
+        if let Some(b) = &self.bias {
+            for row in y.chunks_mut(b.len()) {
+                for (o, bi) in row.iter_mut().zip(b) {
+                    *o += bi;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub attn_norm: Vec<f32>,
+    pub mlp_norm: Vec<f32>,
+    /// q, k, v, o, gate, up, down (LINEAR_KINDS order).
+    pub linears: [Linear; 7],
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub embed: DenseWeight,
+    pub blocks: Vec<Block>,
+    pub norm: Vec<f32>,
+    pub lm_head: Linear,
+    pub rope: Rope,
+}
+
+/// Receives each linear's input during a forward pass (calibration).
+pub type Observer<'a> = &'a mut dyn FnMut(usize, Site, &[f32], usize);
+
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks(d).zip(out.chunks_mut(d)) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, v), wi) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * inv * wi;
+        }
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+impl Model {
+    pub fn module_name(layer: usize, kind: &str) -> String {
+        format!("model.layers.{layer}.{kind}")
+    }
+
+    /// All compressible linears as (module name, rows, cols), in model order.
+    pub fn linear_shapes(&self) -> Vec<(String, usize, usize)> {
+        let mut out = Vec::new();
+        for (l, b) in self.blocks.iter().enumerate() {
+            for (kind, lin) in LINEAR_KINDS.iter().zip(&b.linears) {
+                out.push((Self::module_name(l, kind), lin.weight.rows(), lin.weight.cols()));
+            }
+        }
+        out
+    }
+
+    pub fn linear(&self, layer: usize, kind_index: usize) -> &Linear {
+        &self.blocks[layer].linears[kind_index]
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_layers, self.config.kv_dim())
+    }
+
+    /// Embeds `tokens` into `x` (`[n, hidden]`).
+    pub fn embed_tokens(&self, tokens: &[u32], x: &mut Vec<f32>) {
+        let d = self.config.hidden_size;
+        x.resize(tokens.len() * d, 0.0);
+        for (t, &id) in tokens.iter().enumerate() {
+            self.embed.row_f32(id as usize, &mut x[t * d..(t + 1) * d]);
+        }
+    }
+
+    /// Runs the new `tokens` after the cached prefix and returns logits for the last `logit_rows` of them
+    /// (`[logit_rows, vocab]`). Token ids must be < vocab_size (checked by callers that take user input).
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, scratch: &mut Scratch, logit_rows: usize) -> Vec<f32> {
+        let n = tokens.len();
+        let mut x = Vec::new();
+        self.embed_tokens(tokens, &mut x);
+        let pos0 = cache.len;
+        self.rope.tables(pos0, n, &mut scratch.cos, &mut scratch.sin);
+        for (l, block) in self.blocks.iter().enumerate() {
+            self.block_forward(l, block, &mut x, n, pos0, &mut cache.layers[l], scratch, None);
+        }
+        cache.len += n;
+        self.logits(&x, n, logit_rows.min(n))
+    }
+
+    /// Final norm and LM head on the last `rows` of `x` (`[n, hidden]`).
+    pub fn logits(&self, x: &[f32], n: usize, rows: usize) -> Vec<f32> {
+        let d = self.config.hidden_size;
+        let last = &x[(n - rows) * d..n * d];
+        let mut h = vec![0.0; rows * d];
+        rms_norm(last, &self.norm, self.config.rms_norm_eps as f32, &mut h);
+        let mut out = vec![0.0; rows * self.config.vocab_size];
+        self.lm_head.forward(&h, rows, &mut out);
+        out
+    }
+
+    /// One decoder block on `x` (`[n, hidden]`, updated in place) at positions pos0..pos0+n. `scratch.cos/sin`
+    /// must hold the RoPE tables of these positions. `observe` sees every linear's input (calibration).
+    #[allow(clippy::too_many_arguments)]
+    pub fn block_forward(
+        &self,
+        layer: usize,
+        block: &Block,
+        x: &mut [f32],
+        n: usize,
+        pos0: usize,
+        cache: &mut LayerCache,
+        s: &mut Scratch,
+        mut observe: Option<Observer>,
+    ) {
+        let cfg = &self.config;
+        let (d, qd, kvd, hd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let eps = cfg.rms_norm_eps as f32;
+        let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] = &block.linears;
+
+        let h = ensure(&mut s.h, n * d);
+        rms_norm(x, &block.attn_norm, eps, h);
+        if let Some(obs) = observe.as_mut() {
+            obs(layer, Site::AttnIn, h, n);
+        }
+        let q = ensure(&mut s.q, n * qd);
+        q_proj.forward(h, n, q);
+        let k = ensure(&mut s.k, n * kvd);
+        k_proj.forward(h, n, k);
+        let v = ensure(&mut s.v, n * kvd);
+        v_proj.forward(h, n, v);
+        let half = hd / 2;
+        for t in 0..n {
+            let (c, sn) = (&s.cos[t * half..(t + 1) * half], &s.sin[t * half..(t + 1) * half]);
+            Rope::apply(&mut q[t * qd..(t + 1) * qd], cfg.num_heads, hd, c, sn);
+            Rope::apply(&mut k[t * kvd..(t + 1) * kvd], cfg.num_kv_heads, hd, c, sn);
+        }
+        cache.k.extend_from_slice(k);
+        cache.v.extend_from_slice(v);
+
+        let attn = ensure(&mut s.attn, n * qd);
+        attention(cfg, q, &cache.k, &cache.v, pos0, n, attn, &mut s.scores);
+        if let Some(obs) = observe.as_mut() {
+            obs(layer, Site::OIn, attn, n);
+        }
+        let proj = ensure(&mut s.proj, n * d);
+        o_proj.forward(attn, n, proj);
+        for (xi, p) in x.iter_mut().zip(proj.iter()) {
+            *xi += p;
+        }
+
+        let h = ensure(&mut s.h, n * d);
+        rms_norm(x, &block.mlp_norm, eps, h);
+        if let Some(obs) = observe.as_mut() {
+            obs(layer, Site::MlpIn, h, n);
+        }
+        let im = cfg.intermediate_size;
+        let gate = ensure(&mut s.gate, n * im);
+        gate_proj.forward(h, n, gate);
+        let up = ensure(&mut s.up, n * im);
+        up_proj.forward(h, n, up);
+        for (g, u) in gate.iter_mut().zip(up.iter()) {
+            *g = silu(*g) * u;
+        }
+        if let Some(obs) = observe.as_mut() {
+            obs(layer, Site::DownIn, gate, n);
+        }
+        let proj = ensure(&mut s.proj, n * d);
+        down_proj.forward(gate, n, proj);
+        for (xi, p) in x.iter_mut().zip(proj.iter()) {
+            *xi += p;
+        }
+    }
+}
+
+/// Causal grouped-query attention of `n` new queries at positions pos0.. against the whole cache.
+#[allow(clippy::too_many_arguments)]
+fn attention(cfg: &ModelConfig, q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, n: usize, out: &mut [f32], scores: &mut Vec<f32>) {
+    let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+    let group = cfg.num_heads / cfg.num_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let total = pos0 + n;
+    let one_token = |t: usize, o: &mut [f32], sc: &mut Vec<f32>| {
+        let len = pos0 + t + 1;
+        sc.resize(len, 0.0);
+        for h in 0..cfg.num_heads {
+            let kvh = h / group;
+            let qh = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
+            let mut max = f32::NEG_INFINITY;
+            for (j, s) in sc.iter_mut().enumerate() {
+                let kj = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                *s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                max = max.max(*s);
+            }
+            let mut sum = 0.0;
+            for s in sc.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            let oh = &mut o[h * hd..(h + 1) * hd];
+            oh.fill(0.0);
+            for (j, s) in sc.iter().enumerate() {
+                let w = s * inv;
+                let vj = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                for (a, b) in oh.iter_mut().zip(vj) {
+                    *a += w * b;
+                }
+            }
+        }
+    };
+    // Parallel over query tokens only when there is enough work to pay for rayon (prefill of real models).
+    if n > 1 && n * total * qd > 1 << 20 {
+        out.par_chunks_mut(qd).enumerate().for_each_init(Vec::new, |sc, (t, o)| one_token(t, o, sc));
+    } else {
+        for (t, o) in out.chunks_mut(qd).enumerate() {
+            one_token(t, o, scores);
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! `tokenizer.json` through the `tokenizers` crate (pure-Rust build), wrapped so errors name the file.
+
+use crate::error::{Result, WhittleError};
+use std::path::{Path, PathBuf};
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub path: PathBuf,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(WhittleError::file(path, "tokenizer.json missing (a Hugging Face fast tokenizer is required)"));
+        }
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| WhittleError::file(path, format!("cannot parse tokenizer: {e}")))?;
+        Ok(Self { inner, path: path.to_path_buf() })
+    }
+
+    /// Token ids of `text` without special tokens (the evaluation protocol prepends nothing).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| WhittleError::file(&self.path, format!("tokenization failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| WhittleError::file(&self.path, format!("decoding failed: {e}")))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}

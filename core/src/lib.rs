@@ -1,10 +1,13 @@
 //! Whittle's core: everything that is not pixels or kernels. Model loading and the forward pass (`model`),
 //! evaluation (`eval`), synthetic models (`synth`), the compressors (`compress`).
 
+pub mod calib;
 pub mod compress;
+pub mod compress_model;
 pub mod error;
 pub mod eval;
 pub mod model;
+pub mod plan;
 pub mod synth;
 
 pub use error::{Result, WhittleError};

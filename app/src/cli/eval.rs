@@ -23,15 +23,24 @@ pub struct EvalArgs {
     /// Reference model for KL divergence and top-1 agreement.
     #[arg(long)]
     pub reference: Option<String>,
+    /// Compress with this plan (or shorthand flags) before evaluating; the reference defaults to the original.
+    #[command(flatten)]
+    pub plan: super::plan_args::PlanArgs,
+    #[command(flatten)]
+    pub calib: super::plan_args::CalibArgs,
     /// Print a JSON object on stdout.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let loaded = super::load(a.model.as_deref())?;
+    let mut loaded = super::load(a.model.as_deref())?;
     let reference = a.reference.as_deref().map(|r| super::load(Some(r))).transpose()?;
     let text = read_text(&a.data)?;
+    if a.plan.given() {
+        let resolved = super::plan_args::resolve(&a.plan.to_plan()?, &loaded)?;
+        super::plan_args::run_compression(&mut loaded, &resolved, &a.calib, a.json)?;
+    }
     let tokens = loaded.tokenizer.encode(&text)?;
     let wins = windows(&tokens, a.ctx, a.max_tokens);
     check_ctx(&loaded.model, a.ctx, wins.len(), &a.data.display().to_string())?;

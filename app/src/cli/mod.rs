@@ -1,8 +1,10 @@
 //! Command-line interface: one file per subcommand. Results go to stdout (a table, or JSON with `--json`);
 //! progress goes to stderr through indicatif so stdout stays machine-readable.
 
+mod compress;
 mod eval;
 mod generate;
+pub mod plan_args;
 pub mod progress;
 mod synth;
 
@@ -25,6 +27,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Generate text from a prompt.
     Generate(generate::GenerateArgs),
+    /// Calibrate and compress a model under a plan; print per-layer errors.
+    Compress(compress::CompressArgs),
     /// Write a seeded random-init Llama folder of a real shape (tiny, 1b, 7b).
     Synth(synth::SynthArgs),
 }
@@ -34,6 +38,7 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Compress(a) => compress::run(a),
     }
 }
 

@@ -65,6 +65,7 @@ pub struct Block {
     pub linears: [Linear; 7],
 }
 
+#[derive(Clone)]
 pub struct Model {
     pub config: ModelConfig,
     pub embed: DenseWeight,
@@ -74,8 +75,9 @@ pub struct Model {
     pub rope: Rope,
 }
 
-/// Receives each linear's input during a forward pass (calibration).
-pub type Observer<'a> = &'a mut dyn FnMut(usize, Site, &[f32], usize);
+/// Receives each linear's input during a forward pass (calibration); returning `true` stops the block there,
+/// because calibration of one stage needs nothing computed after that stage's input.
+pub type Observer<'a> = &'a mut dyn FnMut(usize, Site, &[f32], usize) -> bool;
 
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
@@ -173,7 +175,9 @@ impl Model {
         let h = ensure(&mut s.h, n * d);
         rms_norm(x, &block.attn_norm, eps, h);
         if let Some(obs) = observe.as_mut() {
-            obs(layer, Site::AttnIn, h, n);
+            if obs(layer, Site::AttnIn, h, n) {
+                return;
+            }
         }
         let q = ensure(&mut s.q, n * qd);
         q_proj.forward(h, n, q);
@@ -193,7 +197,9 @@ impl Model {
         let attn = ensure(&mut s.attn, n * qd);
         attention(cfg, q, &cache.k, &cache.v, pos0, n, attn, &mut s.scores);
         if let Some(obs) = observe.as_mut() {
-            obs(layer, Site::OIn, attn, n);
+            if obs(layer, Site::OIn, attn, n) {
+                return;
+            }
         }
         let proj = ensure(&mut s.proj, n * d);
         o_proj.forward(attn, n, proj);
@@ -204,7 +210,9 @@ impl Model {
         let h = ensure(&mut s.h, n * d);
         rms_norm(x, &block.mlp_norm, eps, h);
         if let Some(obs) = observe.as_mut() {
-            obs(layer, Site::MlpIn, h, n);
+            if obs(layer, Site::MlpIn, h, n) {
+                return;
+            }
         }
         let im = cfg.intermediate_size;
         let gate = ensure(&mut s.gate, n * im);
@@ -215,7 +223,9 @@ impl Model {
             *g = silu(*g) * u;
         }
         if let Some(obs) = observe.as_mut() {
-            obs(layer, Site::DownIn, gate, n);
+            if obs(layer, Site::DownIn, gate, n) {
+                return;
+            }
         }
         let proj = ensure(&mut s.proj, n * d);
         down_proj.forward(gate, n, proj);

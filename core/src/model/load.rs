@@ -18,6 +18,7 @@ pub struct GenerationConfig {
     pub bos_token_id: Option<u32>,
 }
 
+#[derive(Clone)]
 pub struct LoadedModel {
     pub dir: PathBuf,
     pub model: Model,

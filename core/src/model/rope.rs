@@ -4,6 +4,7 @@
 
 use super::config::{ModelConfig, RopeScaling};
 
+#[derive(Clone)]
 pub struct Rope {
     pub inv_freq: Vec<f32>,
 }

@@ -3,6 +3,7 @@
 use crate::error::{Result, WhittleError};
 use std::path::{Path, PathBuf};
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub path: PathBuf,

@@ -1,0 +1,130 @@
+//! The flags that say how to compress, shared by `compress`, `eval` and `export`: a plan file, or the
+//! `--method/--bits/--group/...` shorthand for one rule applied to every linear; and the calibration data.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use whittle_core::calib::{calibration_windows, CalibSettings};
+use whittle_core::compress::Method;
+use whittle_core::compress_model::{compress_model, CompressEvent, CompressOutput};
+use whittle_core::eval::read_text;
+use whittle_core::model::source::DEFAULT_CALIBRATION_TEXT;
+use whittle_core::model::LoadedModel;
+use whittle_core::plan::{Plan, ResolvedPlan, Rule};
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct PlanArgs {
+    /// Plan file (TOML or JSON), e.g. presets/w4g32.toml.
+    #[arg(long)]
+    pub plan: Option<PathBuf>,
+    /// Shorthand for a one-rule plan: gptq, sparsegpt, rtn, magnitude, obc.
+    #[arg(long, conflicts_with = "plan")]
+    pub method: Option<String>,
+    #[arg(long, conflicts_with = "plan")]
+    pub bits: Option<u8>,
+    /// Group size; -1 = per output channel.
+    #[arg(long, conflicts_with = "plan", allow_negative_numbers = true)]
+    pub group: Option<i64>,
+    /// Asymmetric grid (zero point per group) instead of symmetric.
+    #[arg(long, conflicts_with = "plan")]
+    pub asym: bool,
+    #[arg(long, conflicts_with = "plan")]
+    pub act_order: bool,
+    /// Unstructured sparsity fraction, e.g. 0.5.
+    #[arg(long, conflicts_with = "plan")]
+    pub sparsity: Option<f32>,
+    /// N:M sparsity, e.g. 2:4.
+    #[arg(long, conflicts_with = "plan")]
+    pub nm: Option<String>,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct CalibArgs {
+    /// Calibration text (default: the TinyStories sample shipped in assets/).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    pub calib_samples: usize,
+    #[arg(long, default_value_t = 256)]
+    pub calib_ctx: usize,
+}
+
+impl PlanArgs {
+    pub fn given(&self) -> bool {
+        self.plan.is_some() || self.method.is_some() || self.bits.is_some() || self.sparsity.is_some() || self.nm.is_some()
+    }
+
+    pub fn to_plan(&self) -> Result<Plan> {
+        if let Some(p) = &self.plan {
+            return Ok(Plan::from_file(p)?);
+        }
+        let method = match self.method.as_deref() {
+            None => None,
+            Some(m) => Some(
+                serde_json::from_value::<Method>(serde_json::Value::String(m.to_string()))
+                    .map_err(|_| anyhow::anyhow!("--method {m}: expected gptq, sparsegpt, rtn, magnitude or obc"))?,
+            ),
+        };
+        if self.bits.is_none() && self.sparsity.is_none() && self.nm.is_none() {
+            bail!("give --plan FILE, or --bits and/or --sparsity/--nm (with --method)");
+        }
+        Ok(Plan::uniform(Rule {
+            method,
+            bits: self.bits,
+            group: self.group,
+            sym: Some(!self.asym),
+            act_order: self.act_order.then_some(true),
+            sparsity: self.sparsity,
+            nm: self.nm.clone(),
+            ..Default::default()
+        }))
+    }
+}
+
+/// Bits of the model's float weights, for size estimates.
+pub fn dense_bits(m: &LoadedModel) -> f64 {
+    match m.model.embed.dtype {
+        whittle_kernels::DType::F32 => 32.0,
+        _ => 16.0,
+    }
+}
+
+pub fn resolve(plan: &Plan, m: &LoadedModel) -> Result<ResolvedPlan> {
+    let linears = m.model.linear_shapes();
+    let linear_params: usize = linears.iter().map(|(_, r, c)| r * c).sum();
+    let other = m.model.config.parameter_count().saturating_sub(linear_params) as u64;
+    Ok(plan.resolve(&linears, other, dense_bits(m))?)
+}
+
+/// Calibrates and compresses `m` in place, with a progress bar on stderr.
+pub fn run_compression(m: &mut LoadedModel, plan: &ResolvedPlan, calib: &CalibArgs, quiet: bool) -> Result<CompressOutput> {
+    let (text, origin) = match &calib.calib {
+        Some(p) => (read_text(p)?, p.display().to_string()),
+        None => (DEFAULT_CALIBRATION_TEXT.to_string(), "assets/tinystories_train_calib.txt".to_string()),
+    };
+    let settings = CalibSettings { samples: calib.calib_samples, ctx: calib.calib_ctx };
+    if settings.ctx > m.model.config.max_position_embeddings {
+        bail!("--calib-ctx {} is larger than max_position_embeddings {}", settings.ctx, m.model.config.max_position_embeddings);
+    }
+    let windows = calibration_windows(&m.tokenizer, &text, &settings, &origin)?;
+    let bar = super::progress::bar(plan.modules.len() as u64, "compress");
+    if quiet {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let out = compress_model(
+        &mut m.model,
+        plan,
+        &windows,
+        &mut |e| match e {
+            CompressEvent::Stage { layer, stage, done, .. } => {
+                bar.set_position(done as u64);
+                bar.set_message(format!("layer {layer} {stage}"));
+            }
+            CompressEvent::Layer(_) => bar.inc(1),
+        },
+        &|| false,
+    )
+    .context("compression failed")?;
+    bar.finish_and_clear();
+    Ok(out)
+}

@@ -1,0 +1,160 @@
+//! Compressing a whole model under a resolved plan, the way the reference GPTQ/SparseGPT code does it:
+//! sequentially, block by block, each block calibrated on the outputs of the already-compressed blocks before it,
+//! and inside a block stage by stage (q/k/v, then o, then gate/up, then down: "true sequential"), so every linear
+//! sees inputs produced by its compressed predecessors. Results stream out as events while the job runs (the GUI
+//! plots them), and the job is cancellable between stages and inside long layers.
+
+use crate::calib::{collect_hessian, run_block};
+use crate::compress::{compress_layer, relative_error, CompressError, Matrix, QuantizedLinear};
+use crate::error::{Result, WhittleError};
+use crate::model::{Model, Site, LINEAR_KINDS};
+use crate::plan::ResolvedPlan;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Instant;
+use whittle_kernels::{DenseWeight, Weight};
+
+/// The result of compressing one linear.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerResult {
+    pub name: String,
+    pub layer: usize,
+    pub kind: String,
+    /// "gptq", "sparsegpt", … or "dense" when the plan keeps it.
+    pub method: String,
+    pub bits: Option<u8>,
+    pub group: Option<usize>,
+    /// Fraction of exact zeros in the compressed weight.
+    pub sparsity: f64,
+    /// tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) on the layer's own calibration Hessian.
+    pub rel_error: f64,
+    pub bits_per_weight: f64,
+    pub damp: Option<f64>,
+    pub seconds: f64,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+#[derive(Clone, Debug)]
+pub enum CompressEvent {
+    /// A stage of a block starts (for progress: `done` of `total` linears finished so far).
+    Stage { layer: usize, stage: &'static str, done: usize, total: usize },
+    Layer(LayerResult),
+}
+
+pub struct CompressOutput {
+    pub layers: Vec<LayerResult>,
+    /// The integer form of every quantized linear, by module name (for export and the packed runtime).
+    pub quantized: BTreeMap<String, QuantizedLinear>,
+    pub avg_bits: f64,
+    pub seconds: f64,
+}
+
+const STAGES: [(&str, Site, &[usize]); 4] = [
+    ("qkv", Site::AttnIn, &[0, 1, 2]),
+    ("o", Site::OIn, &[3]),
+    ("gate/up", Site::MlpIn, &[4, 5]),
+    ("down", Site::DownIn, &[6]),
+];
+
+/// Compresses `model` in place (its linears become the dequantized compressed weights) following `plan`,
+/// calibrated on `windows`. `cancelled` is polled between stages and inside compressors.
+pub fn compress_model(
+    model: &mut Model,
+    plan: &ResolvedPlan,
+    windows: &[Vec<u32>],
+    on_event: &mut dyn FnMut(CompressEvent),
+    cancelled: &(dyn Fn() -> bool + Sync),
+) -> Result<CompressOutput> {
+    let start = Instant::now();
+    let by_name: BTreeMap<&str, &crate::plan::ModulePlan> = plan.modules.iter().map(|m| (m.name.as_str(), m)).collect();
+    let total = plan.modules.len();
+    let mut xs: Vec<Vec<f32>> = windows
+        .iter()
+        .map(|w| {
+            let mut x = Vec::new();
+            model.embed_tokens(w, &mut x);
+            x
+        })
+        .collect();
+    let mut layers = Vec::new();
+    let mut quantized = BTreeMap::new();
+    for l in 0..model.config.num_layers {
+        for (stage, site, kinds) in STAGES {
+            if cancelled() {
+                return Err(WhittleError::Cancelled);
+            }
+            on_event(CompressEvent::Stage { layer: l, stage, done: layers.len(), total });
+            let cols = model.blocks[l].linears[kinds[0]].weight.cols();
+            let h = collect_hessian(model, l, &mut xs, site, cols)?;
+            for &k in kinds {
+                let name = Model::module_name(l, LINEAR_KINDS[k]);
+                let mp = by_name
+                    .get(name.as_str())
+                    .ok_or_else(|| WhittleError::Invalid(format!("plan has no entry for {name}")))?;
+                let t = Instant::now();
+                let lin = &model.blocks[l].linears[k];
+                let (rows, cols) = (lin.weight.rows(), lin.weight.cols());
+                let Some(job) = &mp.job else {
+                    layers.push(LayerResult {
+                        name: name.clone(),
+                        layer: l,
+                        kind: LINEAR_KINDS[k].into(),
+                        method: "dense".into(),
+                        bits: None,
+                        group: None,
+                        sparsity: 0.0,
+                        rel_error: 0.0,
+                        bits_per_weight: mp.bits_per_weight,
+                        damp: None,
+                        seconds: 0.0,
+                        rows,
+                        cols,
+                    });
+                    on_event(CompressEvent::Layer(layers.last().cloned().expect("pushed")));
+                    continue;
+                };
+                let w = Matrix::from_vec(rows, cols, weight_f32(&lin.weight));
+                let c = compress_layer(job, &w, &h, &|| cancelled()).map_err(|e| match e {
+                    CompressError::Cancelled => WhittleError::Cancelled,
+                    e => WhittleError::Invalid(format!("{name}: {e}")),
+                })?;
+                let rel_error = relative_error(&w, &c.weight, &h);
+                let zeros = c.weight.data.iter().filter(|v| **v == 0.0).count();
+                let result = LayerResult {
+                    name: name.clone(),
+                    layer: l,
+                    kind: LINEAR_KINDS[k].into(),
+                    method: job.method.to_string(),
+                    bits: job.quant.as_ref().map(|q| q.bits),
+                    group: job.quant.as_ref().map(|q| q.group_size(cols)),
+                    sparsity: zeros as f64 / (rows * cols) as f64,
+                    rel_error,
+                    bits_per_weight: mp.bits_per_weight,
+                    damp: c.damp_used,
+                    seconds: t.elapsed().as_secs_f64(),
+                    rows,
+                    cols,
+                };
+                model.blocks[l].linears[k].weight = Weight::Dense(DenseWeight::from_f32(rows, cols, c.weight.data));
+                if let Some(q) = c.quant {
+                    quantized.insert(name.clone(), q);
+                }
+                layers.push(result.clone());
+                on_event(CompressEvent::Layer(result));
+            }
+        }
+        // The next block is calibrated on this block's outputs with its compressed weights.
+        run_block(model, l, &mut xs, true, None, &mut |_, _| Ok(()))?;
+    }
+    Ok(CompressOutput { layers, quantized, avg_bits: plan.avg_bits, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// A linear's weight as f32 values (dense weights only; compression starts from float checkpoints).
+pub fn weight_f32(w: &Weight) -> Vec<f32> {
+    match w {
+        Weight::Dense(d) => d.to_f32_vec(),
+        #[allow(unreachable_patterns)]
+        other => panic!("compression needs float weights, found {:?}", std::mem::discriminant(other)),
+    }
+}

@@ -2,10 +2,11 @@
 //! running those windows through the block. Windows run in parallel in small chunks and each chunk's inputs are
 //! folded into the Hessian at once, so only a chunk of activations is alive, never the whole model's.
 
+use crate::compress::error_feedback::CrossAccumulator;
 use crate::compress::{Hessian, HessianAccumulator};
 use crate::error::{Result, WhittleError};
 use crate::model::kv_cache::LayerCache;
-use crate::model::{Model, Scratch, Site, Tokenizer};
+use crate::model::{Block, Model, Scratch, Site, Tokenizer};
 use rayon::prelude::*;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -55,8 +56,21 @@ pub fn run_block(
     site: Option<Site>,
     observe: &mut dyn FnMut(&[f32], usize) -> Result<()>,
 ) -> Result<()> {
-    let block = &model.blocks[layer];
-    for chunk in xs.chunks_mut(CHUNK) {
+    run_block_with(model, &model.blocks[layer], layer, xs, update, site, &mut |_, input, n| observe(input, n))
+}
+
+/// `run_block` with an explicit block (e.g. the dense original of a block being compressed); `observe` also gets
+/// the window index.
+pub fn run_block_with(
+    model: &Model,
+    block: &Block,
+    layer: usize,
+    xs: &mut [Vec<f32>],
+    update: bool,
+    site: Option<Site>,
+    observe: &mut dyn FnMut(usize, &[f32], usize) -> Result<()>,
+) -> Result<()> {
+    for (ci, chunk) in xs.chunks_mut(CHUNK).enumerate() {
         let captured: Vec<Option<Vec<f32>>> = chunk
             .par_iter_mut()
             .map(|x| {
@@ -81,9 +95,9 @@ pub fn run_block(
                 got
             })
             .collect();
-        for (c, x) in captured.into_iter().zip(chunk.iter()) {
+        for (i, (c, x)) in captured.into_iter().zip(chunk.iter()).enumerate() {
             if let Some(c) = c {
-                observe(&c, x.len() / model.config.hidden_size)?;
+                observe(ci * CHUNK + i, &c, x.len() / model.config.hidden_size)?;
             }
         }
     }
@@ -99,4 +113,36 @@ pub fn collect_hessian(model: &Model, layer: usize, xs: &mut [Vec<f32>], site: S
         })
     })?;
     Ok(acc.finish())
+}
+
+/// The Hessian of `site`'s inputs on the compressed path `xs`, and the cross term D = 2/n Σ (x_d − x_q) x_qᵀ
+/// against the dense path `xs_dense` run through the dense `dense_block` (see `compress::error_feedback`).
+/// Windows are paired by index; both paths hold one chunk of activations at a time.
+pub fn collect_hessian_and_cross(
+    model: &Model,
+    layer: usize,
+    xs: &mut [Vec<f32>],
+    xs_dense: &mut [Vec<f32>],
+    dense_block: &Block,
+    site: Site,
+    cols: usize,
+) -> Result<(Hessian, Vec<f64>)> {
+    let mut acc = HessianAccumulator::new(cols);
+    let mut cross = CrossAccumulator::new(cols);
+    let err = |e: crate::compress::CompressError| WhittleError::Invalid(format!("calibration inputs of layer {layer} ({site:?}): {e}"));
+    for (q_chunk, d_chunk) in xs.chunks_mut(CHUNK).zip(xs_dense.chunks_mut(CHUNK)) {
+        let mut dense_inputs: Vec<Vec<f32>> = Vec::with_capacity(CHUNK);
+        run_block_with(model, dense_block, layer, d_chunk, false, Some(site), &mut |_, input, _| {
+            dense_inputs.push(input.to_vec());
+            Ok(())
+        })?;
+        let mut i = 0;
+        run_block_with(model, &model.blocks[layer], layer, q_chunk, false, Some(site), &mut |_, input, n| {
+            acc.add_batch(input, n).map_err(err)?;
+            cross.add_batch(input, &dense_inputs[i], n).map_err(err)?;
+            i += 1;
+            Ok(())
+        })?;
+    }
+    Ok((acc.finish(), cross.finish()))
 }

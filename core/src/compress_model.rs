@@ -4,7 +4,9 @@
 //! sees inputs produced by its compressed predecessors. Results stream out as events while the job runs (the GUI
 //! plots them), and the job is cancellable between stages and inside long layers.
 
-use crate::calib::{collect_hessian, run_block};
+use crate::calib::{collect_hessian, collect_hessian_and_cross, run_block, run_block_with};
+use crate::compress::error_feedback::shifted_target;
+use crate::compress::Method;
 use crate::compress::{compress_layer, relative_error, CompressError, Matrix, QuantizedLinear};
 use crate::error::{Result, WhittleError};
 use crate::model::{Model, Site, LINEAR_KINDS};
@@ -26,7 +28,8 @@ pub struct LayerResult {
     pub group: Option<usize>,
     /// Fraction of exact zeros in the compressed weight.
     pub sparsity: f64,
-    /// tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) on the layer's own calibration Hessian.
+    /// tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) on the layer's own calibration Hessian, ΔW = W − Ŵ, where W is the target the
+    /// method compressed (with error feedback, the shifted target; see `compress::error_feedback`).
     pub rel_error: f64,
     pub bits_per_weight: f64,
     pub damp: Option<f64>,
@@ -77,6 +80,10 @@ pub fn compress_model(
             x
         })
         .collect();
+    // The dense path for error feedback: the original blocks (weights are shared, not copied) and their states.
+    let feedback = plan.error_feedback;
+    let dense_blocks = if feedback { model.blocks.clone() } else { Vec::new() };
+    let mut xs_dense = if feedback { xs.clone() } else { Vec::new() };
     let mut layers = Vec::new();
     let mut quantized = BTreeMap::new();
     for l in 0..model.config.num_layers {
@@ -86,7 +93,12 @@ pub fn compress_model(
             }
             on_event(CompressEvent::Stage { layer: l, stage, done: layers.len(), total });
             let cols = model.blocks[l].linears[kinds[0]].weight.cols();
-            let h = collect_hessian(model, l, &mut xs, site, cols)?;
+            let (h, cross) = if feedback {
+                let (h, d) = collect_hessian_and_cross(model, l, &mut xs, &mut xs_dense, &dense_blocks[l], site, cols)?;
+                (h, Some(d))
+            } else {
+                (collect_hessian(model, l, &mut xs, site, cols)?, None)
+            };
             for &k in kinds {
                 let name = Model::module_name(l, LINEAR_KINDS[k]);
                 let mp = by_name
@@ -114,11 +126,17 @@ pub fn compress_model(
                     on_event(CompressEvent::Layer(layers.last().cloned().expect("pushed")));
                     continue;
                 };
-                let w = Matrix::from_vec(rows, cols, weight_f32(&lin.weight));
-                let c = compress_layer(job, &w, &h, &|| cancelled()).map_err(|e| match e {
+                let original = Matrix::from_vec(rows, cols, weight_f32(&lin.weight));
+                let to_err = |e: CompressError| match e {
                     CompressError::Cancelled => WhittleError::Cancelled,
                     e => WhittleError::Invalid(format!("{name}: {e}")),
-                })?;
+                };
+                // Hessian-based methods compress the error-feedback target; the baselines round the weights as they are.
+                let w = match (&cross, job.method) {
+                    (Some(d), Method::Gptq | Method::SparseGpt | Method::Obc) => shifted_target(&original, d, &h, job.damp).map_err(to_err)?,
+                    _ => original,
+                };
+                let c = compress_layer(job, &w, &h, &|| cancelled()).map_err(to_err)?;
                 let rel_error = relative_error(&w, &c.weight, &h);
                 let zeros = c.weight.data.iter().filter(|v| **v == 0.0).count();
                 let result = LayerResult {
@@ -146,6 +164,9 @@ pub fn compress_model(
         }
         // The next block is calibrated on this block's outputs with its compressed weights.
         run_block(model, l, &mut xs, true, None, &mut |_, _| Ok(()))?;
+        if feedback {
+            run_block_with(model, &dense_blocks[l], l, &mut xs_dense, true, None, &mut |_, _, _| Ok(()))?;
+        }
     }
     Ok(CompressOutput { layers, quantized, avg_bits: plan.avg_bits, seconds: start.elapsed().as_secs_f64() })
 }

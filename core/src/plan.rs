@@ -50,6 +50,9 @@ pub struct Plan {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Error feedback across layers for GPTQ/SparseGPT/OBC (default on; see `compress::error_feedback`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_feedback: Option<bool>,
     #[serde(default)]
     pub rules: Vec<Rule>,
 }
@@ -74,6 +77,8 @@ pub struct ResolvedPlan {
     pub size_bytes: u64,
     /// Bytes of the linear modules alone.
     pub linear_bytes: u64,
+    /// Compress Hessian-based layers toward the dense model's outputs (see `compress::error_feedback`).
+    pub error_feedback: bool,
 }
 
 /// Parses "N:M".
@@ -175,7 +180,7 @@ impl Plan {
 
     /// One rule for every module.
     pub fn uniform(rule: Rule) -> Self {
-        Plan { name: None, description: None, rules: vec![Rule { modules: "*".into(), ..rule }] }
+        Plan { rules: vec![Rule { modules: "*".into(), ..rule }], ..Default::default() }
     }
 
     /// Resolves the plan for a model's linears `(name, rows, cols)`; `other_params` are the parameters outside
@@ -237,6 +242,7 @@ impl Plan {
             avg_bits: if params > 0.0 { bits / params } else { dense_bits },
             size_bytes: linear_bytes + (other_params as f64 * dense_bits / 8.0) as u64,
             linear_bytes,
+            error_feedback: self.error_feedback.unwrap_or(true),
         })
     }
 }

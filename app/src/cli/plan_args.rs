@@ -30,12 +30,21 @@ pub struct PlanArgs {
     pub asym: bool,
     #[arg(long, conflicts_with = "plan")]
     pub act_order: bool,
+    /// Search a clipping range per group that minimizes the quantization error (MSE grid search).
+    #[arg(long, conflicts_with = "plan")]
+    pub mse: bool,
+    /// Dampening as a fraction of mean diag(H) (raised automatically when Cholesky fails).
+    #[arg(long, conflicts_with = "plan")]
+    pub damp: Option<f64>,
     /// Unstructured sparsity fraction, e.g. 0.5.
     #[arg(long, conflicts_with = "plan")]
     pub sparsity: Option<f32>,
     /// N:M sparsity, e.g. 2:4.
     #[arg(long, conflicts_with = "plan")]
     pub nm: Option<String>,
+    /// Plain sequential GPTQ/SparseGPT: compress each layer's own weights instead of the error-feedback target.
+    #[arg(long)]
+    pub no_error_feedback: bool,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -56,7 +65,11 @@ impl PlanArgs {
 
     pub fn to_plan(&self) -> Result<Plan> {
         if let Some(p) = &self.plan {
-            return Ok(Plan::from_file(p)?);
+            let mut plan = Plan::from_file(p)?;
+            if self.no_error_feedback {
+                plan.error_feedback = Some(false);
+            }
+            return Ok(plan);
         }
         let method = match self.method.as_deref() {
             None => None,
@@ -68,16 +81,22 @@ impl PlanArgs {
         if self.bits.is_none() && self.sparsity.is_none() && self.nm.is_none() {
             bail!("give --plan FILE, or --bits and/or --sparsity/--nm (with --method)");
         }
-        Ok(Plan::uniform(Rule {
+        let mut plan = Plan::uniform(Rule {
             method,
             bits: self.bits,
             group: self.group,
             sym: Some(!self.asym),
             act_order: self.act_order.then_some(true),
+            mse: self.mse.then_some(true),
+            damp: self.damp,
             sparsity: self.sparsity,
             nm: self.nm.clone(),
             ..Default::default()
-        }))
+        });
+        if self.no_error_feedback {
+            plan.error_feedback = Some(false);
+        }
+        Ok(plan)
     }
 }
 

@@ -1,0 +1,222 @@
+//! `whittle bench`: speed figures measured in one run next to their bound, for benches/RESULTS.md.
+//! - `decode`: tokens/s of greedy decoding (optionally of a compressed, packed model) and resident bytes.
+//! - `prefill`: tokens/s of a full-window forward.
+//! - `layer`: one 7b-shaped decoder layer at decode, time per token vs the bytes-over-bandwidth bound.
+//! - `gemv`: one packed GEMV vs the stream-read bandwidth measured in the same run.
+
+use super::plan_args::{resolve, run_compression, CalibArgs, PlanArgs};
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use std::time::Instant;
+use whittle_core::model::{KvCache, Scratch};
+use whittle_core::runtime::{pack_model, weight_bytes};
+use whittle_kernels::{bench_gemv, measure_stream_read_gbps, GemvShape};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchWhat {
+    /// Greedy decode tokens/s from BOS (no early stop), model as loaded or compressed and packed with --plan.
+    Decode(DecodeArgs),
+    /// Prefill tokens/s of windows of --ctx tokens.
+    Prefill(DecodeArgs),
+    /// One 7b-shaped decoder layer (f16) at decode: seconds per token vs the memory-bandwidth bound.
+    Layer(LayerArgs),
+    /// A packed GEMV vs the stream-read bandwidth measured in the same run.
+    Gemv(GemvArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DecodeArgs {
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    #[command(flatten)]
+    pub calib: CalibArgs,
+    /// Rayon threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Tokens to decode per run (prefill: window length).
+    #[arg(long, default_value_t = 256)]
+    pub tokens: usize,
+    /// Timed repetitions; the best is reported.
+    #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
+    /// cpu (CUDA decode is not wired into the runtime yet).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LayerArgs {
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GemvArgs {
+    /// ROWSxCOLS (out × in), e.g. 4096x11008.
+    #[arg(long, default_value = "4096x11008")]
+    pub shape: String,
+    /// 2, 3, 4, 8, or 16 for dense f16.
+    #[arg(long, default_value_t = 4)]
+    pub bits: u8,
+    #[arg(long, default_value_t = 128)]
+    pub group: usize,
+    #[arg(long)]
+    pub sparse24: bool,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    Ok(rayon::ThreadPoolBuilder::new().num_threads(n).build()?)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    match a.what {
+        BenchWhat::Decode(d) => decode(d, false),
+        BenchWhat::Prefill(d) => decode(d, true),
+        BenchWhat::Layer(l) => layer(l),
+        BenchWhat::Gemv(g) => gemv(g),
+    }
+}
+
+fn decode(a: DecodeArgs, prefill: bool) -> Result<()> {
+    if a.device != "cpu" {
+        bail!("--device {}: the decode runtime runs on the CPU; CUDA kernels are measured by `whittle bench gemv`", a.device);
+    }
+    let mut m = super::load(a.model.as_deref())?;
+    let mut packed = None;
+    if a.plan.given() {
+        let resolved = resolve(&a.plan.to_plan()?, &m)?;
+        let out = run_compression(&mut m, &resolved, &a.calib, true)?;
+        packed = Some(pack_model(&mut m.model, &out.quantized));
+    }
+    let pool = pool(a.threads)?;
+    let model = &m.model;
+    let n = a.tokens.min(model.config.max_position_embeddings - 1).max(1);
+    let mut best = 0.0f64;
+    let mut cache_bytes = 0;
+    pool.install(|| {
+        for _ in 0..a.repeat.max(1) {
+            let mut cache = KvCache::new(model.config.num_layers, model.config.kv_dim());
+            let mut s = Scratch::default();
+            let t = Instant::now();
+            if prefill {
+                let ids: Vec<u32> = (0..n).map(|i| (i % model.config.vocab_size) as u32).collect();
+                std::hint::black_box(model.forward(&ids, &mut cache, &mut s, n));
+            } else {
+                let mut tok = m.bos_id().unwrap_or(1);
+                for _ in 0..n {
+                    let logits = model.forward(&[tok], &mut cache, &mut s, 1);
+                    tok = whittle_core::model::generate::argmax(&logits);
+                }
+            }
+            best = best.max(n as f64 / t.elapsed().as_secs_f64());
+            cache_bytes = cache.resident_bytes();
+        }
+    });
+    let resident = weight_bytes(model) + cache_bytes;
+    let threads = pool.current_num_threads();
+    if a.json {
+        let mut v = serde_json::json!({"tokens_per_second": best, "resident_bytes": resident, "threads": threads, "tokens": n});
+        if let Some(p) = &packed {
+            v["packed_linears"] = p.packed.into();
+            v["sparse24_linears"] = p.sparse24.into();
+            v["dense_linears"] = p.dense.len().into();
+        }
+        println!("{v}");
+    } else {
+        println!("{} {:.0} tokens/s ({threads} threads, {n} tokens), resident {:.2} MB", if prefill { "prefill" } else { "decode" }, best, resident as f64 / 1e6);
+        if let Some(p) = &packed {
+            println!("packed {} linears, 2:4 {}, dense {}", p.packed, p.sparse24, p.dense.len());
+            for (name, why) in &p.dense {
+                println!("  {name} stays dense: {why}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn layer(a: LayerArgs) -> Result<()> {
+    use whittle_kernels::{DType, DenseWeight, SharedBytes, Weight};
+    let pool = pool(a.threads)?;
+    let (d, im) = (4096usize, 11008usize);
+    let mk = |rows: usize, cols: usize, seed: u64| {
+        let mut s = seed;
+        let bytes: Vec<u8> = (0..rows * cols)
+            .flat_map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                half::f16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04).to_le_bytes()
+            })
+            .collect();
+        Weight::Dense(DenseWeight::from_bytes(rows, cols, DType::F16, SharedBytes::from_vec(bytes)))
+    };
+    let shapes = [(d, d), (d, d), (d, d), (d, d), (im, d), (im, d), (d, im)];
+    let weights: Vec<Weight> = shapes.iter().enumerate().map(|(i, &(r, c))| mk(r, c, i as u64 + 1)).collect();
+    let bytes: usize = weights.iter().map(|w| w.resident_bytes()).sum();
+    let threads = pool.current_num_threads();
+    let (stream, per_token) = pool.install(|| {
+        let stream = measure_stream_read_gbps(256 << 20, threads);
+        let x = vec![0.01f32; im];
+        let mut y = vec![0.0f32; im];
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            for w in &weights {
+                w.matmul(&x[..w.cols()], 1, &mut y[..w.rows()]);
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        (stream, best)
+    });
+    let bound = bytes as f64 / (stream * 1e9);
+    if a.json {
+        println!("{}", serde_json::json!({"seconds_per_token": per_token, "bytes": bytes, "stream_gbps": stream, "bound_seconds": bound, "fraction_of_bound": bound / per_token, "threads": threads}));
+    } else {
+        println!("7b layer (f16, {:.0} MB): {:.2} ms/token, bound {:.2} ms at {:.1} GB/s stream: {:.0}% of the bound ({threads} threads)", bytes as f64 / 1e6, per_token * 1e3, bound * 1e3, stream, 100.0 * bound / per_token);
+    }
+    Ok(())
+}
+
+fn gemv(a: GemvArgs) -> Result<()> {
+    let (r, c) = a.shape.split_once('x').ok_or_else(|| anyhow::anyhow!("--shape must be ROWSxCOLS, e.g. 4096x11008"))?;
+    let shape = GemvShape { rows: r.parse()?, cols: c.parse()? };
+    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let rep = bench_gemv(shape, a.bits, a.group, a.sparse24, threads)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "seconds": rep.seconds, "bytes_read": rep.bytes_read, "gbps": rep.gbps, "stream_gbps": rep.stream_gbps,
+                "fraction_of_bandwidth": rep.fraction_of_bandwidth, "bits_per_weight": rep.bits_per_weight,
+                "threads": rep.threads, "isa": format!("{:?}", rep.isa), "label": rep.label,
+            })
+        );
+    } else {
+        println!(
+            "{}: {:.1} µs, {:.1} GB/s of {:.1} GB/s stream = {:.0}% ({:.2} bits/weight, {} threads)",
+            rep.label,
+            rep.seconds * 1e6,
+            rep.gbps,
+            rep.stream_gbps,
+            rep.fraction_of_bandwidth * 100.0,
+            rep.bits_per_weight,
+            rep.threads
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! Error feedback across layers for sequential calibration (the asymmetric-calibration idea of GPTAQ, Li et al.
+//! 2025, in its closed form). A layer calibrated sequentially sees inputs X_q produced by the already-compressed
+//! layers before it, while the dense model computes W X_d. Plain GPTQ minimizes ‖(W − Ŵ) X_q‖², which ignores the
+//! error already in X_q. The objective that matters is ‖W X_d − Ŵ X_q‖². Its unconstrained minimizer is
+//!   W' = W X_d X_qᵀ (X_q X_qᵀ)⁻¹ = W + W D H⁻¹,  with D = 2/n Σ (x_d − x_q) x_qᵀ and H = 2/n Σ x_q x_qᵀ,
+//! and since the least-squares residual is orthogonal to X_q, ‖W X_d − Ŵ X_q‖² = ‖(W' − Ŵ) X_q‖² + const.
+//! So compressing W' against H with any Hessian-based method (GPTQ, SparseGPT, OBC) minimizes the true
+//! objective. H⁻¹ is damped exactly as GPTQ damps it (the same λ), which also keeps the shift small where the
+//! calibration data says little.
+
+use super::linalg::{gemm_f64, inverse_cholesky_upper};
+use super::{CompressError, Hessian, Matrix};
+
+/// Running mean of D = 2/n Σ (x_d − x_q) x_qᵀ, scaled like the Hessian accumulator so the two combine exactly.
+pub struct CrossAccumulator {
+    n: usize,
+    d: Vec<f64>,
+    samples: usize,
+}
+
+impl CrossAccumulator {
+    pub fn new(n: usize) -> Self {
+        Self { n, d: vec![0.0; n * n], samples: 0 }
+    }
+
+    /// Adds `rows` paired inputs: `xq` as the compressed model computed them, `xd` as the dense model did.
+    pub fn add_batch(&mut self, xq: &[f32], xd: &[f32], rows: usize) -> Result<(), CompressError> {
+        let n = self.n;
+        if xq.len() != rows * n || xd.len() != rows * n {
+            return Err(CompressError::Shape(format!("paired calibration batch must be {rows}×{n}")));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let total = self.samples + rows;
+        let keep = self.samples as f64 / total as f64;
+        self.d.iter_mut().for_each(|v| *v *= keep);
+        // Dᵀ-layout product: (x_d − x_q)ᵀ (n×rows) times x_q (rows×n).
+        let delta_t: Vec<f64> = transpose(&xd.iter().zip(xq).map(|(d, q)| (d - q) as f64).collect::<Vec<_>>(), rows, n);
+        let q: Vec<f64> = xq.iter().map(|&v| v as f64).collect();
+        gemm_f64(&mut self.d, &delta_t, &q, n, rows, n, 2.0 / total as f64);
+        self.samples = total;
+        Ok(())
+    }
+
+    pub fn finish(self) -> Vec<f64> {
+        self.d
+    }
+}
+
+fn transpose(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let mut t = vec![0.0; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = a[r * cols + c];
+        }
+    }
+    t
+}
+
+/// W' = W + W D (H + λI)⁻¹, λ = damp · mean diag(H) (raised like GPTQ's when the factorization fails).
+pub fn shifted_target(w: &Matrix, d: &[f64], h: &Hessian, damp: f64) -> Result<Matrix, CompressError> {
+    let (r, c) = (w.rows, w.cols);
+    let (u, _) = inverse_cholesky_upper(&h.data, c, damp)?;
+    let w64: Vec<f64> = w.data.iter().map(|&v| v as f64).collect();
+    let mut a = vec![0.0; r * c];
+    gemm_f64(&mut a, &w64, d, r, c, c, 1.0);
+    // (H+λI)⁻¹ = UᵀU, so A (H+λI)⁻¹ = (A Uᵀ) U.
+    let ut = transpose(&u, c, c);
+    let mut b = vec![0.0; r * c];
+    gemm_f64(&mut b, &a, &ut, r, c, c, 1.0);
+    let mut shifted = w64;
+    gemm_f64(&mut shifted, &b, &u, r, c, c, 1.0);
+    Ok(Matrix::from_vec(r, c, shifted.into_iter().map(|v| v as f32).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::HessianAccumulator;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// With no damping, the shifted target reproduces the dense outputs on the calibration inputs better than W
+    /// does: ‖W X_d − W' X_q‖ < ‖W X_d − W X_q‖ (W' is the least-squares solution).
+    #[test]
+    fn shifted_target_is_the_least_squares_fit_to_dense_outputs() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let (r, c, n) = (5, 8, 200);
+        let w = Matrix::from_vec(r, c, (0..r * c).map(|_| rng.random_range(-1.0..1.0)).collect());
+        let xd: Vec<f32> = (0..n * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let xq: Vec<f32> = xd.iter().map(|v| v + rng.random_range(-0.2..0.2)).collect();
+        let mut ha = HessianAccumulator::new(c);
+        ha.add_batch(&xq, n).unwrap();
+        let h = ha.finish();
+        let mut ca = CrossAccumulator::new(c);
+        ca.add_batch(&xq[..100 * c], &xd[..100 * c], 100).unwrap();
+        ca.add_batch(&xq[100 * c..], &xd[100 * c..], 100).unwrap();
+        let d = ca.finish();
+        let shifted = shifted_target(&w, &d, &h, 1e-9).unwrap();
+        let err = |m: &Matrix| -> f64 {
+            let mut s = 0.0;
+            for t in 0..n {
+                for o in 0..r {
+                    let want: f32 = (0..c).map(|i| w.get(o, i) * xd[t * c + i]).sum();
+                    let got: f32 = (0..c).map(|i| m.get(o, i) * xq[t * c + i]).sum();
+                    s += ((want - got) as f64).powi(2);
+                }
+            }
+            s
+        };
+        let (before, after) = (err(&w), err(&shifted));
+        assert!(after < 0.5 * before, "least-squares shift should cut the output error: {before} -> {after}");
+        // And no other small perturbation does better (first-order optimality), checked on random directions.
+        for _ in 0..5 {
+            let mut p = shifted.clone();
+            for v in p.data.iter_mut() {
+                *v += rng.random_range(-1e-2..1e-2);
+            }
+            assert!(err(&p) >= after * (1.0 - 1e-6));
+        }
+    }
+}

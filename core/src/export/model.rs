@@ -1,0 +1,289 @@
+//! Exporting a whole (compressed) model to a new folder that vLLM, transformers and GPTQModel load: GPTQ v1,
+//! compressed-tensors, or dense f16/bf16. This is the one entry point the CLI (`whittle export`) and the GUI's
+//! Export pane share, so both get the same checks and the same files.
+//!
+//! Why it is shaped this way:
+//! * **Everything is checked before anything is written.** The target folder, the per-layer format checks
+//!   ([`check_exportable`]) and the packing of every layer all run in memory first; only then is the folder written,
+//!   through [`write_atomic_dir`], so a refused, failed or killed export never leaves a folder at the final path.
+//! * **Codes, not floats, are exported.** Quantized layers are packed from the [`QuantizedLinear`]s the compressor
+//!   (or an import) produced, so the checkpoint decodes to exactly the weights the in-memory model ran.
+//! * **Everything that is not a linear is copied byte for byte** from the source checkpoint (embeddings, norms,
+//!   biases, and any tensor Whittle does not model), in its own dtype; only the f16/bf16 formats convert floats.
+//! * Dense linears are written in the model dtype (the dtype of the source embedding), which is what the formats'
+//!   loaders expect; a wider in-memory weight (a pruned layer computed in f32) is rounded, and the export says so.
+//!
+//! The submodules: [`layers`] decides how each linear is stored and builds its tensors, [`files`] writes
+//! config.json / quantize_config.json and copies tokenizer files, [`card`] renders the README model card.
+
+mod card;
+mod files;
+mod layers;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use card::ModelCard;
+
+use super::{
+    check_exportable, kernel_warnings, write_atomic_dir, write_safetensors_sharded, ExportError, ExportFormat,
+    FloatDtype, RawTensor,
+};
+use crate::compress::types::QuantizedLinear;
+use crate::error::{Result, WhittleError};
+use crate::model::LoadedModel;
+
+/// The checkpoint layout of an export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelFormat {
+    /// GPTQ v1 (AutoGPTQ / GPTQModel / vLLM `gptq`); mixed settings through GPTQModel's `dynamic`.
+    Gptq,
+    /// compressed-tensors (`pack-quantized`, `sparse-24-bitmask`, dense).
+    CompressedTensors,
+    /// Every weight dense in f16 (quantized layers dequantized).
+    F16,
+    /// Every weight dense in bf16 (quantized layers dequantized).
+    Bf16,
+}
+
+impl ModelFormat {
+    pub const ALL: [ModelFormat; 4] = [ModelFormat::Gptq, ModelFormat::CompressedTensors, ModelFormat::F16, ModelFormat::Bf16];
+
+    /// The name the CLI takes and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelFormat::Gptq => "gptq",
+            ModelFormat::CompressedTensors => "compressed-tensors",
+            ModelFormat::F16 => "f16",
+            ModelFormat::Bf16 => "bf16",
+        }
+    }
+
+    /// Parses a format name (`ct` is accepted for compressed-tensors).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "gptq" => Some(ModelFormat::Gptq),
+            "compressed-tensors" | "compressed_tensors" | "ct" => Some(ModelFormat::CompressedTensors),
+            "f16" | "fp16" | "float16" => Some(ModelFormat::F16),
+            "bf16" | "bfloat16" => Some(ModelFormat::Bf16),
+            _ => None,
+        }
+    }
+
+    /// The dense float dtype of the f16/bf16 formats.
+    fn dense_dtype(self) -> Option<FloatDtype> {
+        match self {
+            ModelFormat::F16 => Some(FloatDtype::F16),
+            ModelFormat::Bf16 => Some(FloatDtype::BF16),
+            _ => None,
+        }
+    }
+
+    /// The packed format for a model whose float dtype is `dtype`, or `None` for a dense export.
+    fn packed(self, dtype: FloatDtype) -> Option<ExportFormat> {
+        match self {
+            ModelFormat::Gptq => Some(ExportFormat::Gptq),
+            ModelFormat::CompressedTensors => Some(ExportFormat::CompressedTensors { dtype }),
+            ModelFormat::F16 | ModelFormat::Bf16 => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ModelFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ModelFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::parse(s).ok_or_else(|| format!("unknown format `{s}`: expected gptq, compressed-tensors, f16 or bf16"))
+    }
+}
+
+/// The default shard limit: transformers' `max_shard_size` default.
+pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// What to export, where, and what the model card says.
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    pub format: ModelFormat,
+    /// The folder to create.
+    pub out: PathBuf,
+    /// Replace `out` if it exists (atomically: the old folder stays until the new one is complete).
+    pub force: bool,
+    /// Largest safetensors file; more tensors go to further shards plus `model.safetensors.index.json`.
+    pub max_shard_bytes: u64,
+    pub card: ModelCard,
+}
+
+impl ExportOptions {
+    pub fn new(format: ModelFormat, out: impl Into<PathBuf>) -> Self {
+        Self { format, out: out.into(), force: false, max_shard_bytes: DEFAULT_SHARD_BYTES, card: ModelCard::default() }
+    }
+}
+
+/// What an export wrote.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExportReport {
+    pub out: PathBuf,
+    pub format: ModelFormat,
+    /// Every file in the exported folder, sorted.
+    pub files: Vec<PathBuf>,
+    /// Total bytes of those files.
+    pub bytes: u64,
+    /// Stored bits per weight of the linear layers (codes, scales, zero points, g_idx, masks), as written.
+    pub bits_per_weight_estimate: f64,
+    pub quantized_layers: usize,
+    pub dense_layers: usize,
+    pub sparse24_layers: usize,
+    /// Layers that will miss fast kernels in some loaders, values rounded to the model dtype, and similar notes.
+    pub warnings: Vec<String>,
+}
+
+/// Parses a size such as `2GB`, `500MB`, `1.5GiB`, `4096` (bytes). Decimal units are powers of 1000 (as
+/// transformers' `max_shard_size`), binary units (`KiB`, `MiB`, `GiB`) powers of 1024.
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    let value: f64 = num.parse().map_err(|_| format!("`{text}` is not a size (e.g. 2GB, 500MB, 4GiB)"))?;
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(format!("`{text}`: unknown unit `{unit}` (B, KB, MB, GB, TB, KiB, MiB, GiB)")),
+    };
+    let bytes = (value * scale).round();
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("`{text}`: a shard size must be at least 1 byte"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Refuses an export target before any work: an existing path without `force`, or the folder the model is loaded
+/// from (replacing it would delete the checkpoint being read). Callers that compress first (CLI, GUI) call this
+/// up front so the user does not wait for a compression whose export is refused; [`export_model`] calls it again.
+pub fn check_target(opts: &ExportOptions, source_dir: &Path) -> Result<()> {
+    let out = &opts.out;
+    if std::fs::symlink_metadata(out).is_ok() {
+        if !opts.force {
+            return Err(ExportError::TargetExists { path: out.clone() }.into());
+        }
+        let same = match (out.canonicalize(), source_dir.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if same {
+            return Err(WhittleError::file(
+                out,
+                "is the folder the model was loaded from; export to another folder (replacing it would delete the \
+                 checkpoint being exported)",
+            ));
+        }
+    }
+    if opts.max_shard_bytes == 0 {
+        return Err(WhittleError::Invalid("the shard size must be at least 1 byte".into()));
+    }
+    Ok(())
+}
+
+/// Exports `loaded` (a compressed model whose quantized linears hold their dequantized weights, or an imported
+/// checkpoint) with the integer form of its quantized linears, `quantized` (from `compress_model` or
+/// `LoadedModel::quantized`). `progress(done, total)` is called as layers are packed and when the files are written.
+///
+/// Nothing is written unless every layer can be stored in the format; the error then names every failing layer
+/// and why.
+pub fn export_model(
+    loaded: &LoadedModel,
+    quantized: &BTreeMap<String, QuantizedLinear>,
+    opts: &ExportOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ExportReport> {
+    check_target(opts, &loaded.dir)?;
+    let model_dtype = layers::model_dtype(loaded)?;
+    let linears = layers::model_linears(loaded, quantized)?;
+    let total = linears.len() + 1;
+    let mut warnings = Vec::new();
+
+    // Decide and check every layer; build every tensor in memory.
+    let (mut tensors, summary) = match opts.format.packed(model_dtype) {
+        Some(format) => {
+            let decided = layers::decide(&linears, format, model_dtype, &mut warnings)?;
+            let refs = layers::refs(&linears, &decided);
+            check_exportable(format, &refs)?;
+            warnings.extend(kernel_warnings(format, &refs));
+            let qc = match format {
+                ExportFormat::Gptq => super::gptq_quantization_config(&refs, &Default::default())?,
+                ExportFormat::CompressedTensors { .. } => super::compressed_tensors_quantization_config(&refs)?,
+            };
+            let built = layers::packed_tensors(&linears, &decided, format, model_dtype, &mut warnings, &mut |i| {
+                progress(i, total)
+            })?;
+            (built.tensors, layers::Summary { quantization_config: Some(qc), ..built.summary })
+        }
+        None => {
+            let dtype = opts.format.dense_dtype().ok_or_else(|| WhittleError::Invalid("no dense dtype".into()))?;
+            let built = layers::dense_tensors(&linears, dtype, &mut warnings, &mut |i| progress(i, total))?;
+            (built.tensors, built.summary)
+        }
+    };
+    let linear_names: HashSet<&str> = linears.iter().map(|l| l.name.as_str()).collect();
+    tensors.extend(layers::other_tensors(loaded, &linear_names, opts.format.dense_dtype())?);
+    tensors.sort_by_cached_key(|(name, _)| layers::order_key(name));
+
+    let out_dtype = opts.format.dense_dtype().unwrap_or(model_dtype);
+    let config = files::config_json(&loaded.model.config.raw, summary.quantization_config.as_ref(), out_dtype)?;
+    let readme = card::render(&opts.card, &card::Facts {
+        source: &loaded.dir,
+        format: opts.format,
+        dtype: out_dtype,
+        layers: &summary.layers,
+        bits_per_weight: summary.bits_per_weight(),
+        warnings: &warnings,
+    });
+    let metadata = BTreeMap::from([("producer".to_string(), format!("whittle {}", env!("CARGO_PKG_VERSION")))]);
+
+    let quantize_config = match (opts.format, &summary.quantization_config) {
+        (ModelFormat::Gptq, Some(qc)) => Some(files::pretty(&super::gptq_quantize_config_file(qc))?),
+        _ => None,
+    };
+
+    let (out, ()) = write_atomic_dir(&opts.out, opts.force, |dir| {
+        write_safetensors_sharded(dir, tensors, opts.max_shard_bytes, &metadata)?;
+        files::write(dir, "config.json", &config)?;
+        if let Some(text) = &quantize_config {
+            files::write(dir, "quantize_config.json", text)?;
+        }
+        files::copy_side_files(&loaded.dir, dir)?;
+        files::write(dir, "README.md", &readme)
+    })?;
+    let (files, bytes) = files::listing(&out)?;
+    progress(total, total);
+    Ok(ExportReport {
+        out,
+        format: opts.format,
+        files,
+        bytes,
+        bits_per_weight_estimate: summary.bits_per_weight(),
+        quantized_layers: summary.count("quantized"),
+        dense_layers: summary.count("dense"),
+        sparse24_layers: summary.count("sparse24"),
+        warnings,
+    })
+}
+
+/// Named tensors, in the order the writer puts them into shards.
+type Tensors = Vec<(String, RawTensor)>;
+
+#[cfg(test)]
+mod tests;

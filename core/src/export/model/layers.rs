@@ -1,0 +1,408 @@
+//! How each linear of a model is stored in an export, and its tensors.
+//!
+//! A linear with a [`QuantizedLinear`] is written from its codes. Any other linear is float: in compressed-tensors
+//! a float layer with the exact 2:4 pattern becomes `sparse-24-bitmask` (unless the checkpoint also holds quantized
+//! layers, which compressed-tensors cannot combine with bitmask layers), everything else a plain `weight` in the
+//! model dtype, zeros included (unstructured sparsity is stored as zeros). Every tensor that is not a linear weight
+//! is copied from the source checkpoint as stored.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde_json::Value;
+use whittle_kernels::{DType, Weight};
+
+use super::super::{
+    check_sparse24, pack_compressed_tensors, pack_gptq, pack_sparse24_bitmask, Dtype, ExportError, ExportFormat,
+    FloatDtype, LayerRef, QuantParams, RawTensor,
+};
+use super::Tensors;
+use crate::compress::types::{Matrix, QuantizedLinear};
+use crate::error::{Result, WhittleError};
+use crate::model::{LoadedModel, Model, LINEAR_KINDS};
+
+/// One linear of the model being exported.
+pub(super) struct ModelLinear<'a> {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub weight: &'a Weight,
+    pub quant: Option<&'a QuantizedLinear>,
+}
+
+/// How an export stores one linear.
+pub(super) enum Stored<'a> {
+    Quantized(&'a QuantizedLinear),
+    Dense(Matrix),
+    Sparse24(Matrix),
+}
+
+/// One row of the model card's layer table and of the bits/weight estimate.
+#[derive(Clone, Debug)]
+pub(super) struct LayerRow {
+    pub name: String,
+    /// "quantized", "dense" or "sparse24".
+    pub kind: &'static str,
+    /// How it is stored, for people: "GPTQ 4-bit g128 sym", "dense F16, 50.0% zeros", …
+    pub stored: String,
+    pub params: usize,
+    /// Bytes of the layer's weight tensors as written (bias excluded).
+    pub bytes: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(super) struct Summary {
+    pub quantization_config: Option<Value>,
+    pub layers: Vec<LayerRow>,
+}
+
+impl Summary {
+    pub fn bits_per_weight(&self) -> f64 {
+        let params: usize = self.layers.iter().map(|l| l.params).sum();
+        let bytes: usize = self.layers.iter().map(|l| l.bytes).sum();
+        if params == 0 {
+            0.0
+        } else {
+            bytes as f64 * 8.0 / params as f64
+        }
+    }
+    pub fn count(&self, kind: &str) -> usize {
+        self.layers.iter().filter(|l| l.kind == kind).count()
+    }
+}
+
+pub(super) struct Built {
+    pub tensors: Tensors,
+    pub summary: Summary,
+}
+
+fn float_dtype(d: DType) -> FloatDtype {
+    match d {
+        DType::F32 => FloatDtype::F32,
+        DType::F16 => FloatDtype::F16,
+        DType::BF16 => FloatDtype::BF16,
+    }
+}
+
+/// The model dtype: the stored dtype of the embedding, which compression never changes.
+pub(super) fn model_dtype(loaded: &LoadedModel) -> Result<FloatDtype> {
+    Ok(float_dtype(loaded.model.embed.dtype))
+}
+
+/// Whether the checkpoint has its own LM head (otherwise the head is the tied embedding and is not written).
+fn lm_head_stored(loaded: &LoadedModel) -> bool {
+    !loaded.model.config.tie_word_embeddings || loaded.store.names().any(|n| n.starts_with("lm_head."))
+}
+
+/// Every linear of the model in model order, LM head last, each with its quantized form if `quantized` has one.
+/// Refuses quantized entries that name no linear of the model or disagree with its shape: they come from another
+/// model or plan, and exporting them would write a checkpoint that decodes to something else.
+pub(super) fn model_linears<'a>(
+    loaded: &'a LoadedModel,
+    quantized: &'a BTreeMap<String, QuantizedLinear>,
+) -> Result<Vec<ModelLinear<'a>>> {
+    let model = &loaded.model;
+    let mut out = Vec::new();
+    for (l, block) in model.blocks.iter().enumerate() {
+        for (kind, lin) in LINEAR_KINDS.iter().zip(&block.linears) {
+            let name = Model::module_name(l, kind);
+            let (rows, cols) = (lin.weight.rows(), lin.weight.cols());
+            out.push(ModelLinear { quant: quantized.get(&name), name, rows, cols, weight: &lin.weight });
+        }
+    }
+    if lm_head_stored(loaded) {
+        let w = &model.lm_head.weight;
+        out.push(ModelLinear {
+            name: "lm_head".into(),
+            rows: w.rows(),
+            cols: w.cols(),
+            weight: w,
+            quant: quantized.get("lm_head"),
+        });
+    }
+    let mut errors = Vec::new();
+    for (name, q) in quantized {
+        match out.iter().find(|l| &l.name == name) {
+            None => errors.push(ExportError::layer(name, "has a quantized form but is not a linear of this model")),
+            Some(l) if (l.rows, l.cols) != (q.rows, q.cols) => errors.push(ExportError::layer(
+                name,
+                format!("quantized form is {}×{} but the model's layer is {}×{}", q.rows, q.cols, l.rows, l.cols),
+            )),
+            Some(_) => {}
+        }
+    }
+    ExportError::collect(errors)?;
+    Ok(out)
+}
+
+/// The float values of a linear without a quantized form.
+fn float_values(l: &ModelLinear<'_>) -> Result<Vec<f32>> {
+    match l.weight {
+        Weight::Dense(d) => Ok(d.to_f32_vec()),
+        Weight::Sparse24(s) => Ok(s.to_dense()),
+        Weight::Packed(_) => Err(ExportError::layer(
+            &l.name,
+            "runs packed codes but no quantized form was given for it; pass the model's quantized layers",
+        )
+        .into()),
+    }
+}
+
+/// True when every run of 4 inputs of every row has at least 2 exact zeros.
+fn looks_2_4(m: &Matrix) -> bool {
+    m.cols % 4 == 0 && m.data.chunks_exact(4).all(|g| g.iter().filter(|v| **v == 0.0).count() >= 2)
+}
+
+/// Decides how each linear is stored in a packed format (see the module docs).
+pub(super) fn decide<'a>(
+    linears: &[ModelLinear<'a>],
+    format: ExportFormat,
+    dtype: FloatDtype,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Stored<'a>>> {
+    let any_quantized = linears.iter().any(|l| l.quant.is_some());
+    let ct = matches!(format, ExportFormat::CompressedTensors { .. });
+    let mut dense_24 = Vec::new();
+    let mut out = Vec::with_capacity(linears.len());
+    for l in linears {
+        if let Some(q) = l.quant {
+            out.push(Stored::Quantized(q));
+            continue;
+        }
+        let m = Matrix { rows: l.rows, cols: l.cols, data: float_values(l)? };
+        if ct && looks_2_4(&m) {
+            if !any_quantized && check_sparse24(&l.name, &m, dtype).is_ok() {
+                out.push(Stored::Sparse24(m));
+                continue;
+            }
+            dense_24.push(l.name.clone());
+        }
+        out.push(Stored::Dense(m));
+    }
+    if !dense_24.is_empty() {
+        warnings.push(format!(
+            "{}: 2:4 sparse but stored dense with zeros ({}); compressed-tensors cannot hold bitmask-compressed \
+             layers next to quantized ones",
+            dense_24.join(", "),
+            if any_quantized { "the checkpoint also holds quantized layers" } else { "a kept value rounds to 0" }
+        ));
+    }
+    Ok(out)
+}
+
+/// The layers as the format checks and config builders take them.
+pub(super) fn refs<'a>(linears: &[ModelLinear<'_>], stored: &'a [Stored<'a>]) -> Vec<(String, LayerRef<'a>)> {
+    linears
+        .iter()
+        .zip(stored)
+        .map(|(l, s)| {
+            let r = match s {
+                Stored::Quantized(q) => LayerRef::Quantized(q),
+                Stored::Dense(m) => LayerRef::Dense(m),
+                Stored::Sparse24(m) => LayerRef::Sparse24(m),
+            };
+            (l.name.clone(), r)
+        })
+        .collect()
+}
+
+fn same_dtype(d: DType, f: FloatDtype) -> bool {
+    float_dtype(d) == f
+}
+
+/// `{name}.weight` in `dtype`: the stored bytes themselves when the model already holds this dtype, else `values`
+/// rounded. Returns whether rounding changed any value.
+fn weight_tensor(l: &ModelLinear<'_>, values: Option<&[f32]>, dtype: FloatDtype) -> Result<(RawTensor, bool)> {
+    let name = format!("{}.weight", l.name);
+    if let (Weight::Dense(d), None) = (l.weight, l.quant) {
+        if same_dtype(d.dtype, dtype) {
+            let t = RawTensor::from_bytes(&name, dtype.into(), vec![l.rows, l.cols], d.bytes().to_vec())?;
+            return Ok((t, false));
+        }
+    }
+    let owned;
+    let values = match values {
+        Some(v) => v,
+        None => {
+            owned = match l.quant {
+                Some(q) => q.dequantize().data,
+                None => float_values(l)?,
+            };
+            &owned
+        }
+    };
+    let rounded = values.iter().any(|v| dtype.round(*v).to_bits() != v.to_bits());
+    Ok((RawTensor::from_f32_rounded(dtype, vec![l.rows, l.cols], values), rounded))
+}
+
+fn describe_quant(prefix: &str, q: &QuantizedLinear) -> String {
+    let p = QuantParams::of(q);
+    let mut s = format!("{prefix} {}-bit", p.bits);
+    match p.group_size {
+        Some(g) => s.push_str(&format!(" g{g}")),
+        None => s.push_str(" per-channel"),
+    }
+    s.push_str(if p.sym { " sym" } else { " asym" });
+    if p.act_order {
+        s.push_str(" act-order");
+    }
+    if q.mask.is_some() {
+        s.push_str(", pruned weights at the zero point");
+    }
+    s
+}
+
+fn describe_dense(dtype: FloatDtype, values: &[f32]) -> String {
+    let zeros = values.iter().filter(|v| **v == 0.0).count();
+    let frac = zeros as f64 / values.len().max(1) as f64;
+    if frac >= 0.01 {
+        format!("dense {}, {:.1}% zeros", Dtype::from(dtype), 100.0 * frac)
+    } else {
+        format!("dense {}", Dtype::from(dtype))
+    }
+}
+
+fn bytes_of(t: &Tensors) -> usize {
+    t.iter().map(|(_, t)| t.data.len()).sum()
+}
+
+fn rounded_note(names: &[String], dtype: FloatDtype) -> Option<String> {
+    (!names.is_empty()).then(|| {
+        format!(
+            "{}: values rounded to {} (the in-memory weights are wider), so this checkpoint is not bit-identical to \
+             the compressed model for these layers",
+            names.join(", "),
+            Dtype::from(dtype)
+        )
+    })
+}
+
+/// The tensors of every linear in a packed format, after [`super::check_exportable`] accepted them.
+pub(super) fn packed_tensors(
+    linears: &[ModelLinear<'_>],
+    stored: &[Stored<'_>],
+    format: ExportFormat,
+    dtype: FloatDtype,
+    warnings: &mut Vec<String>,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Built> {
+    let mut tensors = Vec::new();
+    let mut summary = Summary::default();
+    let mut rounded = Vec::new();
+    for (i, (l, s)) in linears.iter().zip(stored).enumerate() {
+        let name = &l.name;
+        let (layer, kind, desc): (Tensors, _, _) = match (s, format) {
+            (Stored::Quantized(q), ExportFormat::Gptq) => {
+                (pack_gptq(name, q)?.into_tensors(name), "quantized", describe_quant("GPTQ", q))
+            }
+            (Stored::Quantized(q), ExportFormat::CompressedTensors { dtype }) => (
+                pack_compressed_tensors(name, q, dtype)?.into_tensors(name),
+                "quantized",
+                describe_quant("pack-quantized", q),
+            ),
+            (Stored::Dense(m), _) => {
+                let (t, r) = weight_tensor(l, Some(&m.data), dtype)?;
+                if r {
+                    rounded.push(name.clone());
+                }
+                (vec![(format!("{name}.weight"), t)], "dense", describe_dense(dtype, &m.data))
+            }
+            (Stored::Sparse24(m), _) => (
+                pack_sparse24_bitmask(name, m, dtype)?.into_tensors(name),
+                "sparse24",
+                format!("sparse-24-bitmask {}", Dtype::from(dtype)),
+            ),
+        };
+        summary.layers.push(LayerRow {
+            name: name.clone(),
+            kind,
+            stored: desc,
+            params: l.rows * l.cols,
+            bytes: bytes_of(&layer),
+        });
+        tensors.extend(layer);
+        progress(i + 1);
+    }
+    warnings.extend(rounded_note(&rounded, dtype));
+    Ok(Built { tensors, summary })
+}
+
+/// The tensors of every linear as dense `dtype` weights (quantized layers dequantized).
+pub(super) fn dense_tensors(
+    linears: &[ModelLinear<'_>],
+    dtype: FloatDtype,
+    warnings: &mut Vec<String>,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Built> {
+    let mut tensors = Vec::new();
+    let mut summary = Summary::default();
+    let mut rounded = Vec::new();
+    for (i, l) in linears.iter().enumerate() {
+        let (t, r) = weight_tensor(l, None, dtype)?;
+        if r {
+            rounded.push(l.name.clone());
+        }
+        let values = t.to_f32(&l.name)?;
+        let desc = match l.quant {
+            Some(q) => format!("{} (dequantized from {}-bit)", describe_dense(dtype, &values), q.bits),
+            None => describe_dense(dtype, &values),
+        };
+        summary.layers.push(LayerRow {
+            name: l.name.clone(),
+            kind: "dense",
+            stored: desc,
+            params: l.rows * l.cols,
+            bytes: t.data.len(),
+        });
+        tensors.push((format!("{}.weight", l.name), t));
+        progress(i + 1);
+    }
+    warnings.extend(rounded_note(&rounded, dtype));
+    Ok(Built { tensors, summary })
+}
+
+/// Every stored tensor that is not a linear's weight (embeddings, norms, biases, buffers), as stored, or with floats
+/// converted to `convert` for the f16/bf16 formats.
+pub(super) fn other_tensors(
+    loaded: &LoadedModel,
+    linear_names: &HashSet<&str>,
+    convert: Option<FloatDtype>,
+) -> Result<Tensors> {
+    let store = &loaded.store;
+    let mut out = Vec::new();
+    for name in store.names() {
+        if let Some((owner, suffix)) = name.rsplit_once('.') {
+            if linear_names.contains(owner) && suffix != "bias" {
+                continue;
+            }
+        }
+        let (dt, shape, bytes) = store.raw(name)?;
+        let dtype = Dtype::from_safetensors(dt).ok_or_else(|| {
+            WhittleError::field(store.path_of(name), name, format!("dtype {dt:?} cannot be copied into an export"))
+        })?;
+        let t = RawTensor::from_bytes(name, dtype, shape, bytes.as_slice().to_vec())
+            .map_err(|e| WhittleError::file(store.path_of(name), e.to_string()))?;
+        let t = match convert {
+            Some(to) if matches!(t.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) && t.dtype != to.into() => {
+                RawTensor::from_f32_rounded(to, t.shape.clone(), &t.to_f32(name)?)
+            }
+            _ => t,
+        };
+        out.push((name.clone(), t));
+    }
+    Ok(out)
+}
+
+/// Shard order: the embedding, then block by block (numerically, so block 10 follows block 9), then the rest; a
+/// layer's tensors stay together.
+pub(super) fn order_key(name: &str) -> (usize, String) {
+    let block = name
+        .strip_prefix("model.layers.")
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(n, _)| n.parse::<usize>().ok());
+    let rank = match block {
+        Some(i) => i.saturating_add(1),
+        None if name.starts_with("model.embed_tokens.") => 0,
+        None => usize::MAX,
+    };
+    (rank, name.to_string())
+}

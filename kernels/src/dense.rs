@@ -1,10 +1,12 @@
 //! Dense weights (f32, f16, bf16) and their matrix product with f32 activations on the CPU.
-//! Rows of the output are split over rayon; each dot product runs 8 independent accumulators so LLVM emits
-//! packed SIMD without fast-math, and f16/bf16 are widened in registers (never expanded to an f32 copy).
+//! Rows of the output are split over rayon (`cpu::for_row_blocks`, writing in place); the AVX2 kernel widens
+//! f16 with F16C and bf16 with a 16-bit shift in registers (never expanding to an f32 copy) and shares each loaded
+//! weight vector across up to 4 tokens. The portable kernel runs 8 independent accumulators so LLVM still emits
+//! packed SIMD without fast-math; it is the fallback and the reference in tests.
 
 use crate::bytes::SharedBytes;
 use half::{bf16, f16};
-use rayon::prelude::*;
+use crate::cpu::{self, Isa, OutRows};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
@@ -35,7 +37,7 @@ impl DenseWeight {
     /// `bytes` must hold exactly rows*cols little-endian values of `dtype`. Unaligned windows are copied once.
     pub fn from_bytes(rows: usize, cols: usize, dtype: DType, bytes: SharedBytes) -> Self {
         assert_eq!(bytes.len(), rows * cols * dtype.size(), "dense weight byte length");
-        let aligned = (bytes.as_slice().as_ptr() as usize) % dtype.size() == 0;
+        let aligned = (bytes.as_slice().as_ptr() as usize).is_multiple_of(dtype.size());
         let bytes = if aligned { bytes } else { SharedBytes::from_vec(bytes.as_slice().to_vec()) };
         Self { rows, cols, dtype, bytes }
     }
@@ -80,46 +82,35 @@ impl DenseWeight {
         bytemuck::cast_slice(self.bytes.as_slice())
     }
 
-    /// y[t, r] = Σ_c x[t, c] · W[r, c] for `n` activation rows.
+    /// y[t, r] = Σ_c x[t, c] · W[r, c] for `n` activation rows, with the best kernel for this CPU.
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        self.matmul_isa(Isa::best(), x, n, y)
+    }
+
+    /// Same with a chosen instruction set (scalar if unsupported); tests compare them.
+    pub fn matmul_isa(&self, isa: Isa, x: &[f32], n: usize, y: &mut [f32]) {
         let (rows, cols) = (self.rows, self.cols);
-        debug_assert_eq!(x.len(), n * cols);
-        debug_assert_eq!(y.len(), n * rows);
-        // Parallelize over output rows in chunks big enough (~32 KiB of weights) to amortize rayon's overhead.
-        let chunk_rows = (32 * 1024 / (cols * self.dtype.size()).max(1)).clamp(1, rows.max(1));
-        let work = rows * cols * n;
-        let run_rows = |r0: usize, r1: usize, out: &mut dyn FnMut(usize, usize, f32)| {
-            for r in r0..r1 {
-                for t in 0..n {
-                    let xt = &x[t * cols..(t + 1) * cols];
-                    let v = match self.dtype {
-                        DType::F32 => dot_f32(&self.f32s()[r * cols..(r + 1) * cols], xt),
-                        DType::F16 => dot_with(&self.f16s()[r * cols..(r + 1) * cols], xt, |v| v.to_f32()),
-                        DType::BF16 => dot_with(&self.bf16s()[r * cols..(r + 1) * cols], xt, |v| v.to_f32()),
-                    };
-                    out(t, r, v);
-                }
-            }
-        };
-        if work < 64 * 1024 || rayon::current_num_threads() == 1 {
-            run_rows(0, rows, &mut |t, r, v| y[t * rows + r] = v);
-            return;
-        }
-        // Each task writes its own block of rows into a local buffer, then the blocks are scattered.
-        let blocks: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(chunk_rows))
-            .into_par_iter()
-            .map(|b| {
-                let r0 = b * chunk_rows;
-                let r1 = (r0 + chunk_rows).min(rows);
-                let mut local = vec![0.0f32; (r1 - r0) * n];
-                run_rows(r0, r1, &mut |t, r, v| local[t * (r1 - r0) + (r - r0)] = v);
-                (r0, local)
-            })
-            .collect();
-        for (r0, local) in blocks {
-            let w = local.len() / n.max(1);
+        assert_eq!(x.len(), n * cols, "x must be n × cols");
+        assert_eq!(y.len(), n * rows, "y must be n × rows");
+        let isa = if isa.is_supported() { isa } else { Isa::Scalar };
+        cpu::for_row_blocks(rows, 1, cols * self.dtype.size(), n, y, |r0, r1, out| match isa {
+            Isa::Scalar => self.rows_scalar(x, n, r0, r1, out),
+            _ => crate::x86::dense_rows(isa, self, x, n, r0, r1, out),
+        });
+    }
+
+    fn rows_scalar(&self, x: &[f32], n: usize, r0: usize, r1: usize, out: OutRows) {
+        let cols = self.cols;
+        for r in r0..r1 {
             for t in 0..n {
-                y[t * rows + r0..t * rows + r0 + w].copy_from_slice(&local[t * w..(t + 1) * w]);
+                let xt = &x[t * cols..(t + 1) * cols];
+                let v = match self.dtype {
+                    DType::F32 => dot_f32(&self.f32s()[r * cols..(r + 1) * cols], xt),
+                    DType::F16 => dot_with(&self.f16s()[r * cols..(r + 1) * cols], xt, |v| v.to_f32()),
+                    DType::BF16 => dot_with(&self.bf16s()[r * cols..(r + 1) * cols], xt, |v| v.to_f32()),
+                };
+                // SAFETY: r is in this task's block, t < n.
+                unsafe { out.write(t, r, v) };
             }
         }
     }

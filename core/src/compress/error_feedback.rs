@@ -80,15 +80,18 @@ mod tests {
     use crate::compress::HessianAccumulator;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
-    /// With no damping, the shifted target reproduces the dense outputs on the calibration inputs better than W
-    /// does: ‖W X_d − W' X_q‖ < ‖W X_d − W X_q‖ (W' is the least-squares solution).
+    /// With (almost) no damping, the shifted target is the least-squares fit of the dense outputs from the
+    /// compressed path's inputs: it removes an invertible distortion entirely, and no perturbation improves on it.
     #[test]
     fn shifted_target_is_the_least_squares_fit_to_dense_outputs() {
         let mut rng = StdRng::seed_from_u64(3);
         let (r, c, n) = (5, 8, 200);
         let w = Matrix::from_vec(r, c, (0..r * c).map(|_| rng.random_range(-1.0..1.0)).collect());
         let xd: Vec<f32> = (0..n * c).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let xq: Vec<f32> = xd.iter().map(|v| v + rng.random_range(-0.2..0.2)).collect();
+        // The compressed path distorts its inputs by a fixed near-identity map M (x_q = M x_d); then W' = W M⁻¹
+        // reproduces the dense outputs exactly, and the least-squares target must find it.
+        let m: Vec<f32> = (0..c * c).map(|i| if i % (c + 1) == 0 { 1.0 } else { 0.0 } + rng.random_range(-0.15..0.15)).collect();
+        let xq: Vec<f32> = (0..n * c).map(|k| (0..c).map(|j| m[(k % c) * c + j] * xd[(k / c) * c + j]).sum()).collect();
         let mut ha = HessianAccumulator::new(c);
         ha.add_batch(&xq, n).unwrap();
         let h = ha.finish();
@@ -109,7 +112,8 @@ mod tests {
             s
         };
         let (before, after) = (err(&w), err(&shifted));
-        assert!(after < 0.5 * before, "least-squares shift should cut the output error: {before} -> {after}");
+        // 1e-6: f32 inputs and the damp of 1e-9 leave only rounding-level residue.
+        assert!(after < 1e-6 * before, "least-squares shift should remove the output error: {before} -> {after}");
         // And no other small perturbation does better (first-order optimality), checked on random directions.
         for _ in 0..5 {
             let mut p = shifted.clone();

@@ -1,0 +1,130 @@
+//! x86-64 SIMD kernels, one file per instruction-set level. This module only dispatches: callers pass the `Isa`
+//! they checked with `Isa::is_supported`, and each entry point is `#[target_feature]` so the intrinsics inline.
+//!
+//! On other architectures the same entry points exist but are unreachable, because `Isa::is_supported` is false
+//! for every x86 level there and callers then pick the scalar kernels.
+
+use crate::cpu::{Isa, OutRows};
+use crate::dense::DenseWeight;
+use crate::packed::PackedWeight;
+use crate::sparse24::Sparse24Weight;
+use half::f16;
+
+/// Expands `$body` 16 times with `$p` bound to the constants 0..16, so per-position shift counts and
+/// accumulator indices are compile-time constants (LLVM does not reliably fully unroll these loops on its own, and
+/// a rolled loop would keep the accumulator arrays in memory).
+macro_rules! unroll16 {
+    ($p:ident => $body:block) => {{
+        { const $p: usize = 0; $body }
+        { const $p: usize = 1; $body }
+        { const $p: usize = 2; $body }
+        { const $p: usize = 3; $body }
+        { const $p: usize = 4; $body }
+        { const $p: usize = 5; $body }
+        { const $p: usize = 6; $body }
+        { const $p: usize = 7; $body }
+        { const $p: usize = 8; $body }
+        { const $p: usize = 9; $body }
+        { const $p: usize = 10; $body }
+        { const $p: usize = 11; $body }
+        { const $p: usize = 12; $body }
+        { const $p: usize = 13; $body }
+        { const $p: usize = 14; $body }
+        { const $p: usize = 15; $body }
+    }};
+}
+
+// The unrolled bodies compare compile-time positions (`4 * (W % 8) <= 19` is always true for W = 0) and index
+// register arrays by constant loop counters on purpose: both fold away after unrolling.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::absurd_extreme_comparisons, clippy::needless_range_loop)]
+pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::absurd_extreme_comparisons, clippy::needless_range_loop)]
+pub(crate) mod avx512;
+
+/// Widens f16 to f32 (F16C when `isa` has it).
+pub(crate) fn widen_f16(isa: Isa, src: &[f16], out: &mut [f32]) {
+    assert_eq!(src.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar && isa.is_supported() {
+        // SAFETY: every non-scalar level includes F16C and the caller checked support.
+        unsafe { avx2::widen_f16(src, out) };
+        return;
+    }
+    let _ = isa;
+    for (o, s) in out.iter_mut().zip(src) {
+        *o = s.to_f32();
+    }
+}
+
+/// Rows `r0..r1` of a packed GEMM (see `PackedWeight`), with activations already prepared.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn packed_rows(
+    isa: Isa,
+    w: &PackedWeight,
+    xp: &[f32],
+    sx: &[f32],
+    n: usize,
+    r0: usize,
+    r1: usize,
+    out: OutRows,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(isa.is_supported());
+        assert!(r1 <= w.rows && xp.len() >= n * w.layout.padded && sx.len() >= n * w.layout.group_slices.len());
+        // SAFETY: the CPU supports `isa` (asserted), and the slices have the lengths the kernels index up to.
+        unsafe {
+            match isa {
+                Isa::Avx512 => avx512::packed_rows(w, xp, sx, n, r0, r1, out),
+                Isa::Avx2 => avx2::packed_rows(w, xp, sx, n, r0, r1, out),
+                Isa::Scalar => unreachable!("scalar rows are handled by the caller"),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, xp, sx, n, r0, r1, out);
+        unreachable!("no x86 ISA is supported on this architecture, so callers never ask for {isa:?}")
+    }
+}
+
+/// Row pairs `p0..p1` of a 2:4 sparse GEMM, with activations padded to whole blocks.
+pub(crate) fn sparse_pairs(isa: Isa, w: &Sparse24Weight, xp: &[f32], n: usize, p0: usize, p1: usize, out: OutRows) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(isa.is_supported());
+        assert!(p1 <= w.rows.div_ceil(2) && xp.len() >= n * w.blocks * crate::sparse24::BLOCK_COLS);
+        // SAFETY: the CPU supports `isa` (asserted), and the slices have the lengths the kernels index up to.
+        unsafe {
+            match isa {
+                Isa::Avx512 => avx512::sparse_pairs(w, xp, n, p0, p1, out),
+                Isa::Avx2 => avx2::sparse_pairs(w, xp, n, p0, p1, out),
+                Isa::Scalar => unreachable!("scalar rows are handled by the caller"),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, xp, n, p0, p1, out);
+        unreachable!("no x86 ISA is supported on this architecture, so callers never ask for {isa:?}")
+    }
+}
+
+/// Rows `r0..r1` of a dense GEMM. Dense layers are memory-bound at 16 or 32 bits per weight even with 8-lane
+/// vectors, so AVX-512 runs the AVX2 kernel.
+pub(crate) fn dense_rows(isa: Isa, w: &DenseWeight, x: &[f32], n: usize, r0: usize, r1: usize, out: OutRows) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(isa.is_supported() && isa != Isa::Scalar);
+        assert!(r1 <= w.rows && x.len() >= n * w.cols && w.bytes().len() == w.rows * w.cols * w.dtype.size());
+        // SAFETY: AVX2/FMA/F16C are part of every supported non-scalar level; lengths asserted above.
+        unsafe { avx2::dense_rows(w, x, n, r0, r1, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, x, n, r0, r1, out);
+        unreachable!("no x86 ISA is supported on this architecture, so callers never ask for {isa:?}")
+    }
+}

@@ -1,3 +1,4 @@
-//! The Whittle application: the command line (`cli`) and, later, the workbench window.
+//! The Whittle application: the command line (`cli`) and the workbench window (`gui`).
 
 pub mod cli;
+pub mod gui;

@@ -17,6 +17,10 @@ pub enum WhittleError {
     Cancelled,
     #[error(transparent)]
     Compress(#[from] crate::compress::CompressError),
+    /// An export that cannot be written (layer, tensor, config field or folder named), or a checkpoint tensor that
+    /// cannot be imported.
+    #[error(transparent)]
+    Export(#[from] crate::export::ExportError),
 }
 
 pub type Result<T, E = WhittleError> = std::result::Result<T, E>;

@@ -6,8 +6,11 @@ pub mod compress;
 pub mod compress_model;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod model;
 pub mod plan;
+pub mod runtime;
+pub mod search;
 pub mod synth;
 
 pub use error::{Result, WhittleError};

@@ -1,11 +1,14 @@
 //! Command-line interface: one file per subcommand. Results go to stdout (a table, or JSON with `--json`);
 //! progress goes to stderr through indicatif so stdout stays machine-readable.
 
+mod bench;
 mod compress;
 mod eval;
+mod export;
 mod generate;
 pub mod plan_args;
 pub mod progress;
+mod search;
 mod synth;
 
 use anyhow::Result;
@@ -29,6 +32,12 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Calibrate and compress a model under a plan; print per-layer errors.
     Compress(compress::CompressArgs),
+    /// Write a (compressed) model as GPTQ, compressed-tensors, f16 or bf16 for vLLM / transformers / GPTQModel.
+    Export(export::ExportArgs),
+    /// Speed figures: decode, prefill, one 7b layer, GEMV vs memory bandwidth.
+    Bench(bench::BenchArgs),
+    /// Choose a compression level per linear under a budget (EvoPress search); write the plan.
+    Search(search::SearchArgs),
     /// Write a seeded random-init Llama folder of a real shape (tiny, 1b, 7b).
     Synth(synth::SynthArgs),
 }
@@ -39,15 +48,15 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Compress(a) => compress::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Search(a) => search::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 
-/// No subcommand: the CLI help (the window arrives with the GUI).
+/// No subcommand: the workbench window.
 pub fn run_default() -> Result<()> {
-    use clap::CommandFactory;
-    Cli::command().print_help()?;
-    println!();
-    Ok(())
+    crate::gui::run()
 }
 
 /// Loads `--model` (folder, Hub id, or the embedded default when omitted), showing download progress on stderr.

@@ -45,7 +45,11 @@ fn in_file(store: &WeightStore, tensor: &str, e: ExportError) -> WhittleError {
 fn raw(store: &WeightStore, name: &str) -> Result<RawTensor> {
     let (dtype, shape, bytes) = store.raw(name)?;
     let d = Dtype::from_safetensors(dtype).ok_or_else(|| {
-        WhittleError::field(store.path_of(name), name, format!("dtype {dtype:?} is not used by GPTQ or compressed-tensors"))
+        WhittleError::field(
+            store.path_of(name),
+            name,
+            format!("dtype {dtype:?} is not used by GPTQ or compressed-tensors"),
+        )
     })?;
     RawTensor::from_bytes(name, d, shape, bytes.as_slice().to_vec()).map_err(|e| in_file(store, name, e))
 }
@@ -106,9 +110,13 @@ pub fn read_linear(
         }
         ModuleScheme::Sparse24Bitmask => {
             let head = t("compressed");
-            let tensors =
-                Sparse24Tensors::from_raw(name, &raw(store, &head)?, &raw(store, &t("bitmask"))?, &raw(store, &t("shape"))?)
-                    .map_err(|e| in_file(store, &head, e))?;
+            let tensors = Sparse24Tensors::from_raw(
+                name,
+                &raw(store, &head)?,
+                &raw(store, &t("bitmask"))?,
+                &raw(store, &t("shape"))?,
+            )
+            .map_err(|e| in_file(store, &head, e))?;
             if (tensors.rows, tensors.cols) != (rows, cols) {
                 return Err(WhittleError::field(
                     store.path_of(&t("shape")),
@@ -127,7 +135,7 @@ pub fn read_linear(
 /// the keep-mask is recovered so the 2:4 kernel runs it. Dequantized values are identical either way (a code at the
 /// zero point is 0), so this only chooses the faster layout and lets a re-export announce the 2:4 structure.
 fn with_derived_24_mask(mut q: QuantizedLinear) -> QuantizedLinear {
-    if q.mask.is_some() || q.cols % 4 != 0 {
+    if q.mask.is_some() || !q.cols.is_multiple_of(4) {
         return q;
     }
     let ng = q.n_groups();

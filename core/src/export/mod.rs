@@ -40,7 +40,7 @@ pub use config::{
     parse_quantization_config, resolve_all, GptqConfigOptions, ModuleScheme, QuantConfig, QuantParams,
 };
 pub use error::{ExportError, Result};
-pub use model::{check_target, export_model, parse_size, ExportOptions, ExportReport, ModelCard, ModelFormat};
+pub use model::{check_plan, check_target, export_model, parse_size, ExportOptions, ExportReport, ModelCard, ModelFormat};
 pub use gptq::{check_gptq, pack_gptq, unpack_gptq, GptqTensors, GPTQ_BITS};
 pub use shards::{write_safetensors_file, write_safetensors_sharded, INDEX_FILE, SINGLE_FILE};
 pub use tensor::{Dtype, FloatDtype, Packed, RawTensor, TensorOut};

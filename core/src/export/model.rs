@@ -14,11 +14,13 @@
 //!   loaders expect; a wider in-memory weight (a pruned layer computed in f32) is rounded, and the export says so.
 //!
 //! The submodules: [`layers`] decides how each linear is stored and builds its tensors, [`files`] writes
-//! config.json / quantize_config.json and copies tokenizer files, [`card`] renders the README model card.
+//! config.json / quantize_config.json and copies tokenizer files, [`card`] renders the README model card, and
+//! [`precheck`] checks a plan against a format before compressing ([`check_plan`]).
 
 mod card;
 mod files;
 mod layers;
+mod precheck;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -26,6 +28,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use card::ModelCard;
+pub use precheck::check_plan;
 
 use super::{
     check_exportable, kernel_warnings, write_atomic_dir, write_safetensors_sharded, ExportError, ExportFormat,
@@ -50,7 +53,8 @@ pub enum ModelFormat {
 }
 
 impl ModelFormat {
-    pub const ALL: [ModelFormat; 4] = [ModelFormat::Gptq, ModelFormat::CompressedTensors, ModelFormat::F16, ModelFormat::Bf16];
+    pub const ALL: [ModelFormat; 4] =
+        [ModelFormat::Gptq, ModelFormat::CompressedTensors, ModelFormat::F16, ModelFormat::Bf16];
 
     /// The name the CLI takes and reports.
     pub fn name(self) -> &'static str {
@@ -136,7 +140,8 @@ pub struct ExportReport {
     pub files: Vec<PathBuf>,
     /// Total bytes of those files.
     pub bytes: u64,
-    /// Stored bits per weight of the linear layers (codes, scales, zero points, g_idx, masks), as written.
+    /// Stored bits per weight of the compressible linear layers (codes, scales, zero points, g_idx, bitmasks as
+    /// written; a float LM head is not counted), comparable with a plan's `avg_bits`.
     pub bits_per_weight_estimate: f64,
     pub quantized_layers: usize,
     pub dense_layers: usize,
@@ -243,14 +248,17 @@ pub fn export_model(
 
     let out_dtype = opts.format.dense_dtype().unwrap_or(model_dtype);
     let config = files::config_json(&loaded.model.config.raw, summary.quantization_config.as_ref(), out_dtype)?;
-    let readme = card::render(&opts.card, &card::Facts {
-        source: &loaded.dir,
-        format: opts.format,
-        dtype: out_dtype,
-        layers: &summary.layers,
-        bits_per_weight: summary.bits_per_weight(),
-        warnings: &warnings,
-    });
+    let readme = card::render(
+        &opts.card,
+        &card::Facts {
+            source: &loaded.dir,
+            format: opts.format,
+            dtype: out_dtype,
+            layers: &summary.layers,
+            bits_per_weight: summary.bits_per_weight(),
+            warnings: &warnings,
+        },
+    );
     let metadata = BTreeMap::from([("producer".to_string(), format!("whittle {}", env!("CARGO_PKG_VERSION")))]);
 
     let quantize_config = match (opts.format, &summary.quantization_config) {

@@ -1,15 +1,23 @@
 //! Loading a Hugging Face model folder: config, tokenizer, generation config and weights, checking every tensor's
 //! shape against the config so a mismatch is reported with the file and tensor name instead of producing garbage.
+//!
+//! Quantized checkpoints (GPTQ, compressed-tensors) load too: when config.json has a `quantization_config`, each
+//! linear is read the way it says ([`crate::export::import`]) and runs on the packed kernels; the integer form is
+//! kept on [`LoadedModel::quantized`] so the model can be re-exported unchanged or shown per layer.
 
 use super::config::{token_ids, ModelConfig};
 use super::llama::{Block, Linear, Model, LINEAR_KINDS};
 use super::rope::Rope;
 use super::tokenizer::Tokenizer;
 use super::weights::WeightStore;
+use crate::compress::types::QuantizedLinear;
 use crate::error::{Result, WhittleError};
+use crate::export::config::{ModuleScheme, QuantConfig};
+use crate::export::import::{kernel_weight, quant_config_of, read_linear, ImportedLinear};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use whittle_kernels::Weight;
+use whittle_kernels::{DenseWeight, Weight};
 
 /// `generation_config.json` fields that matter for generation.
 #[derive(Clone, Debug, Default)]
@@ -25,6 +33,8 @@ pub struct LoadedModel {
     pub tokenizer: Tokenizer,
     pub generation: GenerationConfig,
     pub store: Arc<WeightStore>,
+    /// The integer form of linears read from a quantized checkpoint, by module name (empty for float checkpoints).
+    pub quantized: BTreeMap<String, QuantizedLinear>,
 }
 
 impl LoadedModel {
@@ -38,6 +48,28 @@ impl LoadedModel {
     }
     pub fn bos_id(&self) -> Option<u32> {
         self.generation.bos_token_id.or(self.model.config.bos_token_id)
+    }
+
+    /// Replaces every packed or 2:4 linear by its dense f32 weights and forgets the imported integer forms, so an
+    /// imported quantized model can be compressed again (compressors start from float weights).
+    pub fn dequantize_linears(&mut self) {
+        let quantized = std::mem::take(&mut self.quantized);
+        let m = &mut self.model;
+        let names: Vec<String> = (0..m.blocks.len())
+            .flat_map(|l| LINEAR_KINDS.iter().map(move |k| Model::module_name(l, k)))
+            .chain(["lm_head".to_string()])
+            .collect();
+        let lins = m.blocks.iter_mut().flat_map(|b| b.linears.iter_mut()).chain([&mut m.lm_head]);
+        for (name, lin) in names.iter().zip(lins) {
+            let (rows, cols) = (lin.weight.rows(), lin.weight.cols());
+            let data = match (&lin.weight, quantized.get(name)) {
+                (Weight::Dense(_), _) => continue,
+                (_, Some(q)) => q.dequantize().data,
+                (Weight::Sparse24(s), None) => s.to_dense(),
+                (Weight::Packed(_), None) => continue,
+            };
+            lin.weight = Weight::Dense(DenseWeight::from_f32(rows, cols, data));
+        }
     }
 }
 
@@ -63,8 +95,47 @@ pub fn load_linear(store: &WeightStore, name: &str, rows: usize, cols: usize, bi
     Ok(Linear { weight, bias })
 }
 
-/// Builds the model from a config and an opened store.
+/// Builds one linear stored as `scheme` (a quantized checkpoint's layout, or dense), returning the imported integer
+/// form when it has one.
+pub fn load_linear_as(
+    store: &WeightStore,
+    scheme: ModuleScheme,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    bias: bool,
+) -> Result<(Linear, Option<QuantizedLinear>)> {
+    let (weight, quant) = match read_linear(store, scheme, name, rows, cols)? {
+        None => return load_linear(store, name, rows, cols, bias).map(|l| (l, None)),
+        Some(ImportedLinear::Quantized(q)) => (kernel_weight(&q), Some(q)),
+        Some(ImportedLinear::Dense(m)) => (Weight::Dense(DenseWeight::from_f32(rows, cols, m.data)), None),
+    };
+    let bias_name = format!("{name}.bias");
+    let bias = if bias || store.contains(&bias_name) { Some(store.f32_vec(&bias_name, &[rows])?) } else { None };
+    Ok((Linear { weight, bias }, quant))
+}
+
+/// Builds the model from a config and an opened store of a float checkpoint.
 pub fn build_model(config: ModelConfig, store: &WeightStore) -> Result<Model> {
+    build_model_with(config, store, None).map(|(m, _)| m)
+}
+
+/// Builds the model; with `quant` (a parsed `quantization_config`) each linear is read as it says. Returns the
+/// integer forms of the quantized linears by module name.
+pub fn build_model_with(
+    config: ModelConfig,
+    store: &WeightStore,
+    quant: Option<&QuantConfig>,
+) -> Result<(Model, BTreeMap<String, QuantizedLinear>)> {
+    let mut quantized = BTreeMap::new();
+    let mut linear = |name: String, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
+        let scheme = quant.map_or(ModuleScheme::Dense, |q| q.scheme_for(&name));
+        let (lin, q) = load_linear_as(store, scheme, &name, rows, cols, bias)?;
+        if let Some(q) = q {
+            quantized.insert(name, q);
+        }
+        Ok(lin)
+    };
     let cfg = &config;
     let (d, im, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let embed = store.dense("model.embed_tokens.weight", v, d)?;
@@ -82,7 +153,7 @@ pub fn build_model(config: ModelConfig, store: &WeightStore) -> Result<Model> {
         ];
         let mut lins = Vec::with_capacity(7);
         for (kind, (r, c, b)) in LINEAR_KINDS.iter().zip(shapes) {
-            lins.push(load_linear(store, &p(kind), r, c, b)?);
+            lins.push(linear(p(kind), r, c, b)?);
         }
         blocks.push(Block {
             attn_norm: store.f32_vec(&p("input_layernorm.weight"), &[d])?,
@@ -91,13 +162,14 @@ pub fn build_model(config: ModelConfig, store: &WeightStore) -> Result<Model> {
         });
     }
     let norm = store.f32_vec("model.norm.weight", &[d])?;
-    let lm_head = if cfg.tie_word_embeddings && !store.contains("lm_head.weight") {
+    let head_stored = store.names().any(|n| n.starts_with("lm_head."));
+    let lm_head = if cfg.tie_word_embeddings && !head_stored {
         Linear { weight: Weight::Dense(embed.clone()), bias: None }
     } else {
-        load_linear(store, "lm_head", v, d, false)?
+        linear("lm_head".into(), v, d, false)?
     };
     let rope = Rope::new(cfg);
-    Ok(Model { config, embed, blocks, norm, lm_head, rope })
+    Ok((Model { config, embed, blocks, norm, lm_head, rope }, quantized))
 }
 
 /// Loads a model folder (config.json, tokenizer.json, safetensors, optional generation_config.json).
@@ -105,7 +177,10 @@ pub fn load_model(dir: &Path) -> Result<LoadedModel> {
     if !dir.is_dir() {
         return Err(WhittleError::file(dir, "not a folder (expected a Hugging Face model folder)"));
     }
-    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let config_path = dir.join("config.json");
+    let config = ModelConfig::from_file(&config_path)?;
+    let config_text = std::fs::read_to_string(&config_path).map_err(|e| WhittleError::io(&config_path, e))?;
+    let quant = quant_config_of(&config_path, &config_text)?;
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     if tokenizer.vocab_size() > config.vocab_size {
         return Err(WhittleError::field(
@@ -116,6 +191,6 @@ pub fn load_model(dir: &Path) -> Result<LoadedModel> {
     }
     let generation = read_generation_config(dir)?;
     let store = Arc::new(WeightStore::open_dir(dir)?);
-    let model = build_model(config, &store)?;
-    Ok(LoadedModel { dir: dir.to_path_buf(), model, tokenizer, generation, store })
+    let (model, quantized) = build_model_with(config, &store, quant.as_ref())?;
+    Ok(LoadedModel { dir: dir.to_path_buf(), model, tokenizer, generation, store, quantized })
 }

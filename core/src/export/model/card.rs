@@ -52,7 +52,9 @@ fn format_line(f: ModelFormat) -> &'static str {
             "compressed-tensors checkpoint (vLLM / llm-compressor): loads in vLLM and in transformers with the \
              `compressed-tensors` package."
         }
-        ModelFormat::F16 | ModelFormat::Bf16 => "Dense checkpoint: loads anywhere a Hugging Face Llama-family model does.",
+        ModelFormat::F16 | ModelFormat::Bf16 => {
+            "Dense checkpoint: loads anywhere a Hugging Face Llama-family model does."
+        }
     }
 }
 

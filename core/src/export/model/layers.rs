@@ -56,9 +56,13 @@ pub(super) struct Summary {
 }
 
 impl Summary {
+    /// Stored bits per weight over the layers a plan compresses: the blocks' linears, and the LM head only when it
+    /// is quantized (a float head is outside every plan, and on a small model it would swamp the figure), so the
+    /// estimate compares with the plan's `avg_bits`.
     pub fn bits_per_weight(&self) -> f64 {
-        let params: usize = self.layers.iter().map(|l| l.params).sum();
-        let bytes: usize = self.layers.iter().map(|l| l.bytes).sum();
+        let counted = || self.layers.iter().filter(|l| l.name != "lm_head" || l.kind == "quantized");
+        let params: usize = counted().map(|l| l.params).sum();
+        let bytes: usize = counted().map(|l| l.bytes).sum();
         if params == 0 {
             0.0
         } else {
@@ -149,7 +153,7 @@ fn float_values(l: &ModelLinear<'_>) -> Result<Vec<f32>> {
 
 /// True when every run of 4 inputs of every row has at least 2 exact zeros.
 fn looks_2_4(m: &Matrix) -> bool {
-    m.cols % 4 == 0 && m.data.chunks_exact(4).all(|g| g.iter().filter(|v| **v == 0.0).count() >= 2)
+    m.cols.is_multiple_of(4) && m.data.chunks_exact(4).all(|g| g.iter().filter(|v| **v == 0.0).count() >= 2)
 }
 
 /// Decides how each linear is stored in a packed format (see the module docs).

@@ -49,12 +49,26 @@ fn config_keeps_fields_and_replaces_quantization_config() {
 
 #[test]
 fn tensors_are_ordered_block_by_block() {
-    let mut names = vec!["lm_head.weight", "model.layers.10.mlp.up_proj.weight", "model.norm.weight",
-        "model.layers.2.self_attn.q_proj.qweight", "model.embed_tokens.weight", "model.layers.2.input_layernorm.weight"];
+    let mut names = vec![
+        "lm_head.weight",
+        "model.layers.10.mlp.up_proj.weight",
+        "model.norm.weight",
+        "model.layers.2.self_attn.q_proj.qweight",
+        "model.embed_tokens.weight",
+        "model.layers.2.input_layernorm.weight",
+    ];
     names.sort_by_cached_key(|n| layers::order_key(n));
-    assert_eq!(names, vec!["model.embed_tokens.weight", "model.layers.2.input_layernorm.weight",
-        "model.layers.2.self_attn.q_proj.qweight", "model.layers.10.mlp.up_proj.weight", "lm_head.weight",
-        "model.norm.weight"]);
+    assert_eq!(
+        names,
+        vec![
+            "model.embed_tokens.weight",
+            "model.layers.2.input_layernorm.weight",
+            "model.layers.2.self_attn.q_proj.qweight",
+            "model.layers.10.mlp.up_proj.weight",
+            "lm_head.weight",
+            "model.norm.weight"
+        ]
+    );
 }
 
 #[test]
@@ -117,8 +131,17 @@ fn f16_export_writes_a_complete_sharded_folder_that_reloads() {
     assert_eq!(last.0, last.1);
     let names: Vec<String> =
         report.files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    for want in ["config.json", "README.md", "tokenizer.json", "generation_config.json", "model.safetensors.index.json",
-        "model-00001-of-00004.safetensors", "special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"] {
+    for want in [
+        "config.json",
+        "README.md",
+        "tokenizer.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00004.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ] {
         assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
     assert_eq!(report.bytes, report.files.iter().map(|f| std::fs::metadata(f).unwrap().len()).sum::<u64>());

@@ -1,0 +1,556 @@
+//! Everything the window knows, in one place the panes borrow: the persisted settings, the loaded model, the plan
+//! being edited, the variants compressed so far, the running job and the messages to show. Panes draw and call the
+//! actions here (`open`, `compress`, `evaluate`, `cancel`); job events are applied here at the start of each frame.
+//! Keeping the actions off the panes is what lets keyboard shortcuts, menus and tests trigger exactly what the
+//! buttons do.
+
+use super::jobs::{Ended, Job};
+use super::plan_edit::{default_presets_dir, PlanEditor};
+use super::work::{self, CompressInput, Compressed, EvalInput, EvalKey, Event, JobError, Pick};
+use eframe::egui;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use whittle_core::calib::CalibSettings;
+use whittle_core::compress_model::LayerResult;
+use whittle_core::eval::EvalReport;
+use whittle_core::model::source::HubProgress;
+use whittle_core::model::LoadedModel;
+use whittle_core::plan::Plan;
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Theme {
+    Dark,
+    Light,
+}
+
+/// Evaluation settings of the Compare pane.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvalSettings {
+    /// `None`: the held-out tail of the built-in TinyStories text.
+    pub text: Option<PathBuf>,
+    pub ctx: usize,
+    pub max_tokens: usize,
+}
+
+impl Default for EvalSettings {
+    fn default() -> Self {
+        EvalSettings { text: None, ctx: 256, max_tokens: 16384 }
+    }
+}
+
+/// What survives a restart (eframe storage).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Model specs (`default`, a folder, a Hub id), most recent first.
+    pub recent: Vec<String>,
+    pub theme: Theme,
+    /// File name of the last preset loaded or saved, applied to the next model opened.
+    pub last_preset: Option<String>,
+    pub calib: CalibSettings,
+    /// `None`: the built-in TinyStories text.
+    pub calib_text: Option<PathBuf>,
+    pub eval: EvalSettings,
+    pub log_scale: bool,
+    /// Title of the centre tab shown last.
+    pub tab: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            recent: Vec::new(),
+            theme: Theme::Dark,
+            last_preset: Some("w4g128.toml".into()),
+            calib: CalibSettings::default(),
+            calib_text: None,
+            eval: EvalSettings::default(),
+            log_scale: false,
+            tab: String::new(),
+        }
+    }
+}
+
+const MAX_RECENT: usize = 8;
+
+/// One row of the Compare table: the original model or a compressed copy of it.
+pub struct Variant {
+    pub id: u64,
+    pub name: String,
+    /// `None` for the original.
+    pub plan: Option<Plan>,
+    pub model: Arc<LoadedModel>,
+    pub size_bytes: u64,
+    pub avg_bits: f64,
+    pub layers: Vec<LayerResult>,
+    pub seconds: f64,
+    pub eval: Option<(EvalKey, Result<EvalReport, String>)>,
+}
+
+impl Variant {
+    pub fn is_original(&self) -> bool {
+        self.plan.is_none()
+    }
+    /// The report for `key`, if one was computed with exactly those settings.
+    pub fn report(&self, key: &EvalKey) -> Option<&Result<EvalReport, String>> {
+        self.eval.as_ref().filter(|(k, _)| k == key).map(|(_, r)| r)
+    }
+}
+
+/// Per-layer results of the compression shown in the plots: the running one, or the last finished.
+pub struct Run {
+    pub name: String,
+    pub layers: Vec<LayerResult>,
+    pub total: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Level {
+    Error,
+    Info,
+}
+
+pub struct Message {
+    pub level: Level,
+    pub text: String,
+}
+
+/// What the status bar shows for the running job.
+#[derive(Default)]
+pub struct Progress {
+    pub fraction: f32,
+    pub text: String,
+    /// When the first unit of work finished, and how many units are done, for the ETA.
+    pub done: usize,
+    pub total: usize,
+    pub first_done: Option<Instant>,
+}
+
+impl Progress {
+    /// Remaining time extrapolated from the units done so far.
+    pub fn eta(&self) -> Option<Duration> {
+        let t0 = self.first_done?;
+        if self.done < 2 || self.total <= self.done {
+            return None;
+        }
+        let per = t0.elapsed().as_secs_f64() / (self.done - 1) as f64;
+        Some(Duration::from_secs_f64(per * (self.total - self.done) as f64))
+    }
+}
+
+/// Time spent building frames, to keep the "no frame longer than 50 ms while a job runs" promise visible.
+#[derive(Default)]
+pub struct FrameStats {
+    pub last_ms: f64,
+    /// Longest frame since the current (or last) job started.
+    pub max_busy_ms: f64,
+    pub busy_frames: usize,
+}
+
+/// What the panes drew last frame, for the status bar and for tests that assert on what is on screen.
+#[derive(Default)]
+pub struct Drawn {
+    /// Bars in the per-layer error plot.
+    pub error_bars: usize,
+    /// Rows in the Compare table.
+    pub compare_rows: usize,
+}
+
+/// What the running job is, so its events are applied in context.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum JobKind {
+    Open,
+    Compress,
+    Evaluate,
+}
+
+pub struct AppState {
+    pub settings: Settings,
+    pub model: Option<Arc<LoadedModel>>,
+    /// The spec the model was opened from (`default`, a folder, a Hub id).
+    pub model_spec: Option<String>,
+    pub plan: Option<PlanEditor>,
+    pub variants: Vec<Variant>,
+    pub run: Option<Run>,
+    /// Variants shown side by side in the Compare pane.
+    pub pair: (Option<u64>, Option<u64>),
+    pub job: Option<(JobKind, Job<Event>)>,
+    pub progress: Progress,
+    /// A file dialog waiting for the user; separate from `job` so a dialog can be open while work runs.
+    pub dialog: Option<Job<Event>>,
+    pub messages: Vec<Message>,
+    /// One line on how the last job ended.
+    pub status: String,
+    pub frame: FrameStats,
+    pub drawn: Drawn,
+    pub presets_dir: PathBuf,
+    /// Evaluate new variants as soon as they are compressed.
+    pub auto_evaluate: bool,
+    evaluate_next: bool,
+    next_id: u64,
+}
+
+impl AppState {
+    pub fn new(settings: Settings) -> Self {
+        AppState {
+            settings,
+            model: None,
+            model_spec: None,
+            plan: None,
+            variants: Vec::new(),
+            run: None,
+            pair: (None, None),
+            job: None,
+            progress: Progress::default(),
+            dialog: None,
+            messages: Vec::new(),
+            status: String::new(),
+            frame: FrameStats::default(),
+            drawn: Drawn::default(),
+            presets_dir: default_presets_dir(),
+            auto_evaluate: true,
+            evaluate_next: false,
+            next_id: 0,
+        }
+    }
+
+    pub fn busy(&self) -> bool {
+        self.job.is_some()
+    }
+
+    pub fn error(&mut self, text: impl Into<String>) {
+        self.messages.push(Message { level: Level::Error, text: text.into() });
+    }
+
+    pub fn info(&mut self, text: impl Into<String>) {
+        self.messages.push(Message { level: Level::Info, text: text.into() });
+    }
+
+    fn start(&mut self, kind: JobKind, job: Job<Event>) {
+        self.progress = Progress::default();
+        self.frame.max_busy_ms = 0.0;
+        self.frame.busy_frames = 0;
+        self.job = Some((kind, job));
+    }
+
+    /// Opens a model folder, Hub id or `default` in the background. Refused while another job runs.
+    pub fn open(&mut self, spec: &str, ctx: &egui::Context) {
+        let spec = spec.trim().to_string();
+        if spec.is_empty() {
+            self.error("Type a model folder or a Hugging Face id (owner/name), or pick one.");
+            return;
+        }
+        if self.busy() {
+            self.error("Wait for the running job to finish, or cancel it, before opening another model.");
+            return;
+        }
+        let label = format!("Opening {spec}");
+        self.start(JobKind::Open, Job::spawn(label, ctx, move |s| work::open(spec, s)));
+        self.progress.text = "resolving and loading".into();
+    }
+
+    /// Compresses the original model with the plan in the table.
+    pub fn compress(&mut self, ctx: &egui::Context) {
+        if self.busy() {
+            return;
+        }
+        let (Some(model), Some(editor)) = (self.model.clone(), self.plan.as_ref()) else {
+            self.error("Open a model first.");
+            return;
+        };
+        let resolved = match &editor.resolved {
+            Ok(r) => r.clone(),
+            Err(e) => {
+                let e = e.clone();
+                self.error(format!("The plan cannot run: {e}"));
+                return;
+            }
+        };
+        let mut plan = editor.to_plan();
+        let name = editor.name();
+        plan.name = Some(name.clone());
+        self.run = Some(Run { name: name.clone(), layers: Vec::new(), total: resolved.modules.len() });
+        let input = CompressInput {
+            original: model,
+            plan,
+            resolved,
+            calib: self.settings.calib.clone(),
+            calib_text: self.settings.calib_text.clone(),
+        };
+        self.start(JobKind::Compress, Job::spawn(format!("Compressing {name}"), ctx, move |s| work::compress(input, s)));
+    }
+
+    pub fn eval_key(&self) -> EvalKey {
+        let e = &self.settings.eval;
+        EvalKey { text: e.text.clone(), ctx: e.ctx, max_tokens: e.max_tokens }
+    }
+
+    /// Evaluates every variant that has no report for the current evaluation settings.
+    pub fn evaluate(&mut self, ctx: &egui::Context) {
+        if self.busy() {
+            return;
+        }
+        let Some(original) = self.variants.iter().find(|v| v.is_original()).map(|v| v.model.clone()) else {
+            self.error("Open a model first.");
+            return;
+        };
+        let key = self.eval_key();
+        let targets: Vec<_> = self
+            .variants
+            .iter()
+            .filter(|v| v.report(&key).is_none())
+            .map(|v| (v.id, v.name.clone(), v.model.clone(), v.is_original()))
+            .collect();
+        if targets.is_empty() {
+            self.status = "Every variant is evaluated on this text.".into();
+            return;
+        }
+        let n = targets.len();
+        let input = EvalInput { reference: original, targets, key };
+        self.start(JobKind::Evaluate, Job::spawn(format!("Evaluating {n} variant(s)"), ctx, move |s| work::evaluate_all(input, s)));
+    }
+
+    pub fn cancel(&mut self) {
+        if let Some((_, job)) = &self.job {
+            job.cancel();
+            self.progress.text = format!("{} — cancelling…", job.label);
+        }
+    }
+
+    /// Opens a native file dialog on its own thread.
+    pub fn pick(&mut self, pick: Pick, ctx: &egui::Context) {
+        if self.dialog.is_some() {
+            return;
+        }
+        let start = match pick {
+            Pick::PlanFile => Some(self.presets_dir.clone()),
+            _ => std::env::current_dir().ok(),
+        };
+        self.dialog = Some(Job::spawn("file dialog", ctx, move |s| work::pick(pick, start, s)));
+    }
+
+    /// Applies a plan file to the table.
+    pub fn load_plan(&mut self, path: &std::path::Path) {
+        let (Some(model), Some(editor)) = (self.model.clone(), self.plan.as_mut()) else { return };
+        let applied = Plan::from_file(path).map_err(|e| e.to_string()).and_then(|plan| editor.apply_plan(&plan, &model));
+        match applied {
+            Ok(()) => {
+                let file = path.file_name().map(|f| f.to_string_lossy().into_owned());
+                if path.parent() == Some(self.presets_dir.as_path()) {
+                    self.settings.last_preset = file;
+                }
+            }
+            Err(e) => self.error(e),
+        }
+    }
+
+    /// Saves the table as a preset in the presets folder.
+    pub fn save_plan(&mut self, name: &str) {
+        let Some(editor) = self.plan.as_mut() else { return };
+        match editor.save(&self.presets_dir, name) {
+            Ok(path) => {
+                self.settings.last_preset = path.file_name().map(|f| f.to_string_lossy().into_owned());
+                self.status = format!("Saved {}", path.display());
+            }
+            Err(e) => self.error(format!("Cannot save the preset: {e}")),
+        }
+    }
+
+    /// Drains job events; called once at the start of every frame.
+    pub fn poll_jobs(&mut self, ctx: &egui::Context) {
+        if let Some(dialog) = &mut self.dialog {
+            let (events, ended) = dialog.poll();
+            if ended.is_some() {
+                self.dialog = None;
+            }
+            for e in events {
+                self.apply(e, ctx);
+            }
+        }
+        let Some((kind, job)) = &mut self.job else { return };
+        let kind = *kind;
+        let (events, ended) = job.poll();
+        for e in events {
+            self.apply(e, ctx);
+        }
+        if let Some(ended) = ended {
+            let label = self.job.take().map(|(_, j)| j.label).unwrap_or_default();
+            if let Ended::Panicked(why) = ended {
+                self.error(format!("{label} failed with an internal error: {why}"));
+                self.status = format!("{label}: internal error");
+            }
+            // A compression hands over to its evaluation, so the table fills in without another click.
+            if kind == JobKind::Compress && std::mem::take(&mut self.evaluate_next) && self.auto_evaluate {
+                self.evaluate(ctx);
+            }
+        } else {
+            // Keep the elapsed time and ETA ticking between events.
+            ctx.request_repaint_after(Duration::from_millis(250));
+        }
+    }
+
+    fn apply(&mut self, event: Event, ctx: &egui::Context) {
+        match event {
+            Event::Download(HubProgress::File { name, index, count, .. }) => {
+                self.progress.text = format!("Downloading {name} ({}/{count})", index + 1);
+            }
+            Event::Download(HubProgress::Bytes { done, total }) => {
+                self.progress.fraction = if total > 0 { done as f32 / total as f32 } else { 0.0 };
+            }
+            Event::Loaded { spec, result } => match result {
+                Ok(model) => self.loaded(spec, model),
+                Err(JobError::Cancelled) => self.status = format!("Opening {spec} cancelled"),
+                Err(JobError::Failed(e)) => {
+                    self.error(format!("Cannot open {spec}: {e}"));
+                    self.status = format!("Opening {spec} failed");
+                }
+            },
+            Event::Stage { layer, stage, done, total } => {
+                self.progress.done = done;
+                self.progress.total = total;
+                self.progress.fraction = done as f32 / total.max(1) as f32;
+                self.progress.text = format!("layer {} of {total} · block {layer} {stage}", (done + 1).min(total));
+            }
+            Event::Layer(l) => {
+                self.progress.done += 1;
+                self.progress.first_done.get_or_insert_with(Instant::now);
+                self.progress.fraction = self.progress.done as f32 / self.progress.total.max(1) as f32;
+                if let Some(run) = &mut self.run {
+                    run.layers.push(l);
+                }
+            }
+            Event::Compressed(result) => match result {
+                Ok(c) => {
+                    self.compressed(c);
+                    self.evaluate_next = true;
+                }
+                Err(JobError::Cancelled) => {
+                    self.status = "Compression cancelled; the original model is unchanged".into();
+                    if let Some(run) = &mut self.run {
+                        run.name = format!("{} (cancelled)", run.name);
+                    }
+                }
+                Err(JobError::Failed(e)) => {
+                    self.error(format!("Compression failed: {e}"));
+                    self.status = "Compression failed".into();
+                }
+            },
+            Event::EvalProgress { variant, done, total } => {
+                self.progress.done = done;
+                self.progress.total = total;
+                self.progress.first_done.get_or_insert_with(Instant::now);
+                self.progress.fraction = done as f32 / total.max(1) as f32;
+                self.progress.text = format!("evaluating {variant}: window {done} of {total}");
+            }
+            Event::Evaluated { id, key, result } => {
+                if matches!(result, Err(JobError::Cancelled)) {
+                    return;
+                }
+                let result = result.map_err(|e| match e {
+                    JobError::Failed(e) => e,
+                    JobError::Cancelled => "cancelled".into(),
+                });
+                if let Some(v) = self.variants.iter_mut().find(|v| v.id == id) {
+                    v.eval = Some((key, result));
+                }
+                self.progress.first_done = None;
+            }
+            Event::EvalDone(result) => match result {
+                Ok(()) if self.status.starts_with("Compressed") => self.status.push_str(", then evaluated"),
+                Ok(()) => self.status = "Evaluation finished".into(),
+                Err(JobError::Cancelled) => self.status = "Evaluation cancelled".into(),
+                Err(JobError::Failed(e)) => {
+                    self.error(format!("Evaluation failed: {e}"));
+                    self.status = "Evaluation failed".into();
+                }
+            },
+            Event::Picked { path: None, .. } => {}
+            Event::Picked { pick, path: Some(path) } => match pick {
+                Pick::ModelFolder => self.open(&path.display().to_string(), ctx),
+                Pick::PlanFile => self.load_plan(&path),
+                Pick::EvalText => self.settings.eval.text = Some(path),
+                Pick::CalibText => self.settings.calib_text = Some(path),
+            },
+        }
+    }
+
+    fn loaded(&mut self, spec: String, model: Arc<LoadedModel>) {
+        let mut editor = PlanEditor::for_model(&model);
+        if let Some(preset) = &self.settings.last_preset {
+            let path = self.presets_dir.join(preset);
+            if let Ok(plan) = Plan::from_file(&path) {
+                // A preset that does not fit this model leaves the table dense; the user picks another.
+                let _ = editor.apply_plan(&plan, &model);
+            }
+        }
+        let dense_bits = crate::cli::plan_args::dense_bits(&model);
+        let id = self.next_id();
+        self.variants = vec![Variant {
+            id,
+            name: "original".into(),
+            plan: None,
+            size_bytes: (model.model.config.parameter_count() as f64 * dense_bits / 8.0) as u64,
+            avg_bits: dense_bits,
+            model: model.clone(),
+            layers: Vec::new(),
+            seconds: 0.0,
+            eval: None,
+        }];
+        self.pair = (Some(id), None);
+        self.run = None;
+        self.plan = Some(editor);
+        self.status = match spec.as_str() {
+            "default" => "Opened stories260k (embedded default)".to_string(),
+            s => format!("Opened {s}"),
+        };
+        self.model = Some(model);
+        self.settings.recent.retain(|r| *r != spec);
+        self.settings.recent.insert(0, spec.clone());
+        self.settings.recent.truncate(MAX_RECENT);
+        self.model_spec = Some(spec);
+    }
+
+    fn compressed(&mut self, c: Compressed) {
+        let base = c.plan.name.clone().unwrap_or_else(|| "custom".into());
+        let n = self.variants.iter().filter(|v| v.name == base || v.name.starts_with(&format!("{base} #"))).count();
+        let name = if n == 0 { base } else { format!("{base} #{}", n + 1) };
+        self.status = format!("Compressed {name}: {} layers in {:.1} s", c.layers.len(), c.seconds);
+        let id = self.next_id();
+        if let Some(run) = &mut self.run {
+            run.name = name.clone();
+        }
+        self.variants.push(Variant {
+            id,
+            name,
+            plan: Some(c.plan),
+            model: c.model,
+            size_bytes: c.size_bytes,
+            avg_bits: c.avg_bits,
+            layers: c.layers,
+            seconds: c.seconds,
+            eval: None,
+        });
+        // Newest run against the previous pick: the comparison one usually wants next.
+        self.pair = match self.pair {
+            (Some(a), Some(b)) if a != b => (Some(b), Some(id)),
+            (a, _) => (a, Some(id)),
+        };
+    }
+
+    pub fn remove_variant(&mut self, id: u64) {
+        self.variants.retain(|v| v.id != id || v.is_original());
+        for slot in [&mut self.pair.0, &mut self.pair.1] {
+            if slot.is_some_and(|s| !self.variants.iter().any(|v| v.id == s)) {
+                *slot = None;
+            }
+        }
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+}

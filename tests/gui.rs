@@ -5,7 +5,8 @@
 //!
 //! The screenshots in `screenshots/` are written by these tests and compared with a tolerance (live numbers such
 //! as timings change a few hundred pixels between runs). After a deliberate UI change, refresh them with
-//! `UPDATE_SNAPSHOTS=1 cargo test --test gui` and commit the PNGs.
+//! `UPDATE_SNAPSHOTS=force cargo test --test gui` (`=1` rewrites only those beyond the tolerance) and commit the
+//! PNGs.
 
 use eframe::egui::{self, Key, Modifiers};
 use egui_kittest::kittest::Queryable;
@@ -35,16 +36,48 @@ fn app(settings: Settings) -> Harness<'static, WhittleApp> {
         .build_eframe(move |cc| WhittleApp::with_settings(&cc.egui_ctx, settings))
 }
 
+/// The longest frames the app measured while a job ran: wall-clock and UI-thread CPU milliseconds.
+#[derive(Default, Debug)]
+struct Longest {
+    wall: f64,
+    cpu: f64,
+}
+
+impl Longest {
+    /// No frame took 50 ms of UI-thread CPU: the UI thread does no model work. The wall-clock bound is checked
+    /// too, except on a machine that other processes oversubscribe (load average above the core count), where
+    /// the scheduler, not the app, decides how long a frame waits.
+    fn check(&self, what: &str) {
+        println!("longest frame while {what}: {:.1} ms wall, {:.1} ms UI-thread CPU", self.wall, self.cpu);
+        assert!(self.cpu < 50.0, "a frame spent {:.1} ms of CPU on the UI thread while {what}", self.cpu);
+        if oversubscribed() {
+            println!("(machine oversubscribed by other processes: wall-clock bound not checked)");
+        } else {
+            assert!(self.wall < 50.0, "a frame took {:.1} ms while {what}", self.wall);
+        }
+    }
+}
+
+/// One-minute load average above the number of cores (Linux; elsewhere assumed not).
+fn oversubscribed() -> bool {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .is_some_and(|load| load > cores)
+}
+
 /// Steps frames until `done` holds, sleeping between frames as an idle event loop would. Returns the longest
-/// frame the app measured while a job was running.
-fn step_until(h: &mut Harness<'_, WhittleApp>, what: &str, done: impl Fn(&WhittleApp) -> bool) -> f64 {
+/// frames the app measured while a job was running.
+fn step_until(h: &mut Harness<'_, WhittleApp>, what: &str, done: impl Fn(&WhittleApp) -> bool) -> Longest {
     let start = Instant::now();
-    let mut longest: f64 = 0.0;
+    let mut longest = Longest::default();
     loop {
         h.step();
         let s = &h.state().state;
         if s.busy() {
-            longest = longest.max(s.frame.last_ms);
+            longest.wall = longest.wall.max(s.frame.last_ms);
+            longest.cpu = longest.cpu.max(s.frame.last_cpu_ms);
         }
         if done(h.state()) {
             return longest;
@@ -129,8 +162,7 @@ fn compress_all_layers_w4g32_then_plots_and_compare_fill_in() {
         !a.state.busy() && a.state.variants.len() == 2 && a.state.variants[1].eval.is_some()
     });
     no_errors(&h);
-    println!("longest frame while compressing and evaluating: {longest:.1} ms");
-    assert!(longest < 50.0, "a frame took {longest:.1} ms while a job ran");
+    longest.check("compressing and evaluating");
 
     // The error plot holds one bar per linear.
     assert!(h.state_mut().show_tab("Plots"));
@@ -147,8 +179,7 @@ fn compress_all_layers_w4g32_then_plots_and_compare_fill_in() {
         !a.state.busy() && a.state.variants.len() == 3 && a.state.variants[2].eval.is_some()
     });
     no_errors(&h);
-    println!("longest frame while compressing and evaluating again: {longest:.1} ms");
-    assert!(longest < 50.0, "a frame took {longest:.1} ms while a job ran");
+    longest.check("compressing and evaluating again");
 
     h.get_by_label("Compare").click();
     h.step();

@@ -66,9 +66,9 @@ pub struct SearchArgs {
     /// Tokens per fitness window.
     #[arg(long, default_value_t = 256)]
     pub fitness_ctx: usize,
-    /// How the levels are calibrated: `sequential` (like `compress --plan`, the model propagated at one level,
-    /// with error feedback) or `dense` (every linear on the dense model's inputs).
-    #[arg(long, default_value = "sequential")]
+    /// Levels databases: `hybrid` (round 1 on dense inputs, later rounds calibrated like `compress --plan` along
+    /// the best allocation so far), `sequential` (every round along the best, round 1 along the start) or `dense`.
+    #[arg(long, default_value = "hybrid")]
     pub levels_calib: LevelsCalibration,
     /// Database calibrations of a sequential search: the levels are recalibrated along the best allocation
     /// between rounds, and the generations split over them.
@@ -159,7 +159,7 @@ impl SearchArgs {
             granularity: self.unit,
             budget: self.budget()?,
             calib: whittle_core::calib::CalibSettings { samples: self.calib.calib_samples, ctx: self.calib.calib_ctx },
-            levels_calibration: self.levels_calib.clone(),
+            levels_calibration: self.levels_calib,
             rounds: self.rounds,
             fitness_windows: self.fitness_windows,
             fitness_ctx: self.fitness_ctx,
@@ -306,8 +306,11 @@ pub fn run(a: SearchArgs) -> Result<()> {
                     c.measure_of(&s.start),
                     c.granularity(),
                     match settings.levels_calibration {
+                        LevelsCalibration::Hybrid => {
+                            format!("on dense inputs, then along the best ({} rounds)", settings.rounds)
+                        }
                         LevelsCalibration::Sequential => {
-                            format!("sequentially along the start, then along the best ({} rounds)", settings.rounds)
+                            format!("along the start, then along the best ({} rounds)", settings.rounds)
                         }
                         LevelsCalibration::Dense => "on dense inputs".to_string(),
                     }

@@ -4,7 +4,7 @@
 
 use super::panes::{self, model::ModelPane, plan::PlanPane, Tab};
 use super::shortcuts::{self as keys, pressed};
-use super::state::{AppState, Level, Settings, Theme};
+use super::state::{thread_cpu_ms, AppState, Level, Settings, Theme};
 use super::work::Pick;
 use eframe::egui::{self, RichText};
 use std::time::Instant;
@@ -209,6 +209,7 @@ fn apply_theme(ctx: &egui::Context, theme: Theme) {
 impl eframe::App for WhittleApp {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         let start = Instant::now();
+        let cpu_start = thread_cpu_ms();
         let ctx = ui.ctx().clone();
         self.state.poll_jobs(&ctx);
         self.shortcuts(&ctx);
@@ -236,13 +237,13 @@ impl eframe::App for WhittleApp {
         });
         self.help(&ctx);
 
-        let ms = start.elapsed().as_secs_f64() * 1e3;
-        let f = &mut self.state.frame;
-        f.last_ms = ms;
-        if self.state.job.is_some() {
-            f.max_busy_ms = f.max_busy_ms.max(ms);
-            f.busy_frames += 1;
-        }
+        let wall = start.elapsed().as_secs_f64() * 1e3;
+        let cpu = match (cpu_start, thread_cpu_ms()) {
+            (Some(a), Some(b)) => b - a,
+            _ => wall,
+        };
+        let busy = self.state.busy();
+        self.state.frame.record(wall, cpu, busy);
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {

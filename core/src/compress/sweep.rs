@@ -3,16 +3,15 @@
 //! (w_j − q_j)/U_jj over the columns not yet compressed through row j of U (H⁻¹ = UᵀU).
 //!
 //! Shape of the computation, chosen for speed:
-//! * Rows are independent given U, so inside a block of B columns each row runs its whole column loop on its own
-//!   (rayon over rows): the in-block update is a contiguous axpy over the row, U's B×B block stays in cache.
+//! * Rows are independent given U, so inside a block of B columns the column loop runs per tile of 8 rows
+//!   (rayon over tiles), with the block held column-major across the tile: every per-column step (quantize,
+//!   error, rank-1 update of the rest of the block) is one 8-lane SIMD operation, and U's B×B block stays in cache.
 //! * After a block, the deferred update of later columns is a rank-B f32 GEMM, W[:, end:] −= E · U[block, end:]
 //!   (the "lazy batch" trick), done in two levels (within a super-block of 4 blocks, then past it at rank 4B), so
 //!   almost all flops run at GEMM speed.
-//! * The per-weight quantize step is a serial dependency chain; rows are swept in tiles of 8 so the CPU overlaps
-//!   the chains of different rows, and the tile loop is compiled for AVX2 when the CPU has it.
-//! * Grids fitted "on the current weights at group start" must see the updates still pending from the current
-//!   block when a group reaches past the block end (group > block, or unaligned); those few values are corrected
-//!   on the fly instead of forcing block/group alignment.
+//! * Grids fitted "on the current weights at group start" must see the updates still pending when a group reaches
+//!   past the block (group > block, or unaligned); those few values are corrected on the fly instead of forcing
+//!   block/group alignment.
 
 use rayon::prelude::*;
 
@@ -54,9 +53,9 @@ pub(crate) struct SweepOut {
     pub keep: Vec<bool>,
 }
 
-/// Rows swept together by one task. Each weight's quantize-and-feedback step is a serial chain of ~50 cycles
-/// (two divisions, rounding, conversions) that the next column depends on; interleaving the independent chains of
-/// several rows lets the CPU overlap them (measured: ~3× less non-GEMM time than one row at a time).
+/// Rows swept together by one task: one AVX2 register of f32. Each weight's quantize-and-feedback step is a serial
+/// chain (two divisions, rounding, conversions) that the next column depends on; doing 8 rows' chains as one
+/// vector chain costs the same latency as one row's.
 const TILE_ROWS: usize = 8;
 
 /// Run the sweep over `w` (already permuted into sweep order); `w` ends holding the compressed weights.
@@ -114,7 +113,7 @@ pub(crate) fn sweep(w: &mut Matrix, spec: SweepSpec<'_>, cancel: &dyn Fn() -> bo
                         unsafe { sweep_tile_block_avx2(tile, &ctx, cols) };
                         return;
                     }
-                    sweep_tile_block(tile, &ctx, cols);
+                    sweep_tile_block::<false>(tile, &ctx, cols);
                 });
             if be < oe {
                 // W[:, be:oe] −= E[:, bs:be] · U[bs:be, be:oe]
@@ -210,7 +209,7 @@ fn column_plan(spec: &SweepSpec<'_>, c: usize) -> Vec<ColPlan> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn sweep_tile_block_avx2(tile: Tile<'_>, ctx: &Ctx<'_>, cols: Cols) {
-    sweep_tile_block(tile, ctx, cols)
+    sweep_tile_block::<true>(tile, ctx, cols)
 }
 
 /// The column loop over block [bs, be) for the rows of one tile.
@@ -220,7 +219,7 @@ unsafe fn sweep_tile_block_avx2(tile: Tile<'_>, ctx: &Ctx<'_>, cols: Cols) {
 /// the compiler turns into SIMD, and the serial chain of one row overlaps with the others'. Per-row decisions
 /// (grid fits, masks) stay scalar; they happen once per group or chunk, not per weight.
 #[inline(always)]
-fn sweep_tile_block(t: Tile<'_>, ctx: &Ctx<'_>, cols: Cols) {
+fn sweep_tile_block<const SIMD: bool>(t: Tile<'_>, ctx: &Ctx<'_>, cols: Cols) {
     const L: usize = TILE_ROWS;
     let (c, spec, u) = (ctx.c, ctx.spec, ctx.spec.u);
     let Cols { os, bs, be, .. } = cols;
@@ -314,16 +313,38 @@ fn sweep_tile_block(t: Tile<'_>, ctx: &Ctx<'_>, cols: Cols) {
             t.e[r * ctx.outer + j - os] = e[r];
         }
         // Rank-1 update of the rest of the block: one L-wide multiply-subtract per remaining column.
-        let urow = &u[j * c + j + 1..j * c + be];
-        for (col, &h) in tb[(jj + 1) * L..].chunks_exact_mut(L).zip(urow) {
-            for r in 0..L {
-                col[r] -= e[r] * h;
-            }
-        }
+        rank1_update::<SIMD>(&mut tb[(jj + 1) * L..], &e, &u[j * c + j + 1..j * c + be]);
     }
     for r in 0..nr {
         for (jj, v) in t.w[r * c + bs..r * c + be].iter_mut().enumerate() {
             *v = tb[jj * L + r];
+        }
+    }
+}
+
+/// `cols[k·L + r] −= e[r] · urow[k]` for every column k of the tile buffer. Written with AVX intrinsics when
+/// `SIMD` (only instantiated inside the AVX2 entry point): left to itself the compiler vectorizes this across
+/// columns with a storm of shuffles instead of one broadcast multiply-subtract per column.
+#[inline(always)]
+fn rank1_update<const SIMD: bool>(cols: &mut [f32], e: &[f32; TILE_ROWS], urow: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        use std::arch::x86_64::{_mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_storeu_ps, _mm256_sub_ps};
+        const _: () = assert!(TILE_ROWS == 8, "the AVX path holds one tile column in one 8-lane register");
+        // SAFETY: SIMD is true only in code reached from `sweep_tile_block_avx2`, which runs after AVX2 was
+        // detected; every access is to an 8-float chunk produced by `chunks_exact_mut(8)`.
+        unsafe {
+            let ev = _mm256_loadu_ps(e.as_ptr());
+            for (col, &h) in cols.chunks_exact_mut(TILE_ROWS).zip(urow) {
+                let v = _mm256_loadu_ps(col.as_ptr());
+                _mm256_storeu_ps(col.as_mut_ptr(), _mm256_sub_ps(v, _mm256_mul_ps(ev, _mm256_set1_ps(h))));
+            }
+        }
+        return;
+    }
+    for (col, &h) in cols.chunks_exact_mut(TILE_ROWS).zip(urow) {
+        for r in 0..TILE_ROWS {
+            col[r] -= e[r] * h;
         }
     }
 }

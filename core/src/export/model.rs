@@ -77,23 +77,22 @@ impl ModelFormat {
         }
     }
 
-    /// The dense float dtype of the f16/bf16 formats.
-    fn dense_dtype(self) -> Option<FloatDtype> {
+    /// How this format stores a model whose float dtype is `model_dtype`.
+    fn layout(self, model_dtype: FloatDtype) -> Layout {
         match self {
-            ModelFormat::F16 => Some(FloatDtype::F16),
-            ModelFormat::Bf16 => Some(FloatDtype::BF16),
-            _ => None,
+            ModelFormat::Gptq => Layout::Packed(ExportFormat::Gptq),
+            ModelFormat::CompressedTensors => Layout::Packed(ExportFormat::CompressedTensors { dtype: model_dtype }),
+            ModelFormat::F16 => Layout::Dense(FloatDtype::F16),
+            ModelFormat::Bf16 => Layout::Dense(FloatDtype::BF16),
         }
     }
+}
 
-    /// The packed format for a model whose float dtype is `dtype`, or `None` for a dense export.
-    fn packed(self, dtype: FloatDtype) -> Option<ExportFormat> {
-        match self {
-            ModelFormat::Gptq => Some(ExportFormat::Gptq),
-            ModelFormat::CompressedTensors => Some(ExportFormat::CompressedTensors { dtype }),
-            ModelFormat::F16 | ModelFormat::Bf16 => None,
-        }
-    }
+/// A packed checkpoint format (codes written as they are), or every weight dense in one float dtype.
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    Packed(ExportFormat),
+    Dense(FloatDtype),
 }
 
 impl std::fmt::Display for ModelFormat {
@@ -184,15 +183,16 @@ pub fn check_target(opts: &ExportOptions, source_dir: &Path) -> Result<()> {
         if !opts.force {
             return Err(ExportError::TargetExists { path: out.clone() }.into());
         }
-        let same = match (out.canonicalize(), source_dir.canonicalize()) {
-            (Ok(a), Ok(b)) => a == b,
+        // Replacing the source folder, or a folder that contains it, would delete the checkpoint being read.
+        let holds_source = match (out.canonicalize(), source_dir.canonicalize()) {
+            (Ok(o), Ok(src)) => src.starts_with(&o),
             _ => false,
         };
-        if same {
+        if holds_source {
             return Err(WhittleError::file(
                 out,
-                "is the folder the model was loaded from; export to another folder (replacing it would delete the \
-                 checkpoint being exported)",
+                "is (or contains) the folder the model was loaded from; export to another folder (replacing it \
+                 would delete the checkpoint being exported)",
             ));
         }
     }
@@ -215,14 +215,15 @@ pub fn export_model(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ExportReport> {
     check_target(opts, &loaded.dir)?;
-    let model_dtype = layers::model_dtype(loaded)?;
+    let model_dtype = layers::model_dtype(loaded);
     let linears = layers::model_linears(loaded, quantized)?;
     let total = linears.len() + 1;
     let mut warnings = Vec::new();
+    let layout = opts.format.layout(model_dtype);
 
     // Decide and check every layer; build every tensor in memory.
-    let (mut tensors, summary) = match opts.format.packed(model_dtype) {
-        Some(format) => {
+    let (mut tensors, summary) = match layout {
+        Layout::Packed(format) => {
             let decided = layers::decide(&linears, format, model_dtype, &mut warnings)?;
             let refs = layers::refs(&linears, &decided);
             check_exportable(format, &refs)?;
@@ -236,17 +237,19 @@ pub fn export_model(
             })?;
             (built.tensors, layers::Summary { quantization_config: Some(qc), ..built.summary })
         }
-        None => {
-            let dtype = opts.format.dense_dtype().ok_or_else(|| WhittleError::Invalid("no dense dtype".into()))?;
+        Layout::Dense(dtype) => {
             let built = layers::dense_tensors(&linears, dtype, &mut warnings, &mut |i| progress(i, total))?;
             (built.tensors, built.summary)
         }
     };
+    let (convert, out_dtype) = match layout {
+        Layout::Dense(d) => (Some(d), d),
+        Layout::Packed(_) => (None, model_dtype),
+    };
     let linear_names: HashSet<&str> = linears.iter().map(|l| l.name.as_str()).collect();
-    tensors.extend(layers::other_tensors(loaded, &linear_names, opts.format.dense_dtype())?);
+    tensors.extend(layers::other_tensors(loaded, &linear_names, convert)?);
     tensors.sort_by_cached_key(|(name, _)| layers::order_key(name));
 
-    let out_dtype = opts.format.dense_dtype().unwrap_or(model_dtype);
     let config = files::config_json(&loaded.model.config.raw, summary.quantization_config.as_ref(), out_dtype)?;
     let readme = card::render(
         &opts.card,

@@ -4,15 +4,17 @@
 //! which level a unit takes does not change what the other levels of that unit look like. Two ways to get that
 //! Hessian (algorithms.md §7):
 //!
-//! * [`LevelsCalibration::Sequential`] (the default) calibrates exactly like `whittle compress --plan`:
-//!   block by block, stage by stage, on the inputs of the model compressed so far, with error feedback toward the
-//!   dense model's outputs, the model being propagated *along an allocation* (a level per linear; EvoPress uses a
-//!   uniform "calibration bitwidth"). That allocation's model is then bit-for-bit the model `compress --plan`
-//!   builds, allocations near it are scored on nearly the inputs they will really see, and the search recalibrates
-//!   along its best allocation between rounds (see `job`).
-//! * [`LevelsCalibration::Dense`] calibrates every linear on the dense model's inputs (one forward pass per
-//!   block collects its four Hessians). Simplest and level-agnostic, but each layer is then tuned for inputs the
-//!   compressed model never produces.
+//! * **dense inputs** (`along = None`): every linear on the dense model's inputs, one forward pass per block
+//!   collecting its four Hessians. Level-agnostic: no allocation is favoured, but every layer is tuned for inputs
+//!   the compressed model never produces, and without the error feedback `compress --plan` applies.
+//! * **sequentially along an allocation** (`along = Some(level per linear)`): exactly like
+//!   `whittle compress --plan` (block by block, stage by stage, on the inputs of the model compressed so far, with
+//!   error feedback toward the dense outputs), the model being propagated with the allocation's levels (EvoPress
+//!   uses a uniform "calibration bitwidth"). That allocation's model is then bit-for-bit the model
+//!   `compress --plan` builds. Its neighbours are judged pessimistically: each layer's error feedback cancels the
+//!   errors of *that* allocation's upstream layers, so changing an upstream level looks worse than it will be once
+//!   `compress --plan` recalibrates. Improvements it does find are real, which is what the search's later rounds
+//!   use it for (see `job`).
 //!
 //! Each variant's relative error on its Hessian is kept for the DP baseline.
 
@@ -26,32 +28,9 @@ use crate::error::{Result, WhittleError};
 use crate::model::kv_cache::LayerCache;
 use crate::model::{Model, Scratch, Site, LINEAR_KINDS};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use whittle_kernels::{DenseWeight, Weight};
-
-/// Whose inputs the levels are calibrated on.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LevelsCalibration {
-    /// Sequentially, with error feedback, the model propagated along an allocation.
-    #[default]
-    Sequential,
-    /// On the dense model's inputs.
-    Dense,
-}
-
-impl std::str::FromStr for LevelsCalibration {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "sequential" => Ok(LevelsCalibration::Sequential),
-            "dense" => Ok(LevelsCalibration::Dense),
-            _ => Err(format!("levels calibration `{s}`: expected `sequential` or `dense`")),
-        }
-    }
-}
 
 /// Every linear at every level.
 pub struct LevelsDb {
@@ -125,8 +104,8 @@ impl Sink {
     }
 }
 
-/// Loads the database from `store` when it holds this exact key, else builds it (and stores it there).
-/// `along` is the level of every linear the sequential mode propagates the model with (ignored by the dense mode).
+/// Loads the database from `store` when it holds this exact key, else builds it (and stores it there): on dense
+/// inputs, or sequentially `along` an allocation (a level per linear).
 /// `progress(done, total)` counts compressed (linear, level) variants; `cancelled` is polled between stages and
 /// inside compressors.
 #[allow(clippy::too_many_arguments)]
@@ -134,8 +113,7 @@ pub fn levels_database(
     model: &Model,
     windows: &[Vec<u32>],
     ladder: &Ladder,
-    calibration: &LevelsCalibration,
-    along: &[usize],
+    along: Option<&[usize]>,
     store: Option<&LevelsStore>,
     progress: &(dyn Fn(usize, usize) + Sync),
     cancelled: &(dyn Fn() -> bool + Sync),
@@ -154,9 +132,9 @@ pub fn levels_database(
         None => Sink::Memory,
     };
     let b = Builder { model, ladder, sink: &sink, progress, cancelled, done: AtomicUsize::new(0) };
-    let built = match calibration {
-        LevelsCalibration::Dense => b.dense(windows),
-        LevelsCalibration::Sequential => {
+    let built = match along {
+        None => b.dense(windows),
+        Some(along) => {
             if along.len() != shapes.len() || along.iter().any(|&l| l >= labels.len()) {
                 return Err(WhittleError::Invalid(format!(
                     "levels calibration: {} levels given for {} linears of a {}-level ladder",
@@ -291,7 +269,8 @@ impl Builder<'_> {
                 }
                 let cols = model.blocks[l].linears[kinds[0]].weight.cols();
                 let (h, cross) = collect_hessian_and_cross(&work, l, &mut xs, &mut xs_dense, &model.blocks[l], site, cols)?;
-                for (k, levels) in kinds.iter().zip(self.stage(l, kinds, &h, Some(&cross))?) {
+                let nofb = std::env::var("WHITTLE_DB_NOFEEDBACK").is_ok(); // TEMP experiment
+                for (k, levels) in kinds.iter().zip(self.stage(l, kinds, &h, if nofb { None } else { Some(&cross) })?) {
                     // Later stages and blocks are calibrated on this linear at the level `along` gives it.
                     let i = l * LINEAR_KINDS.len() + k;
                     work.blocks[l].linears[*k].weight = levels[along[i]].0.clone();
@@ -338,7 +317,7 @@ mod tests {
         let (m, windows, ladder) = setup();
         // Along a mixed allocation: w3 everywhere but w2 for the o_projs and w4 for layer 1.
         let along: Vec<usize> = (0..35).map(|i| if i % 7 == 3 { 0 } else if i / 7 == 1 { 2 } else { 1 }).collect();
-        let db = levels_database(&m.model, &windows, &ladder, &LevelsCalibration::Sequential, &along, None, &|_, _| {}, &|| false)
+        let db = levels_database(&m.model, &windows, &ladder, Some(&along), None, &|_, _| {}, &|| false)
             .unwrap();
         let plan = Plan::from_toml_str(
             "[[rules]]\nmodules = \"*\"\nbits = 3\ngroup = 32\n[[rules]]\nmodules = \"*.o_proj\"\nbits = 2\n\
@@ -360,7 +339,7 @@ mod tests {
     fn dense_levels_lose_less_with_more_bits() {
         let (m, windows, ladder) = setup();
         let done = AtomicUsize::new(0);
-        let db = levels_database(&m.model, &windows, &ladder, &LevelsCalibration::Dense, &[], None, &|d, n| {
+        let db = levels_database(&m.model, &windows, &ladder, None, None, &|d, n| {
             assert!(d <= n);
             done.fetch_max(d, Ordering::Relaxed);
         }, &|| false)
@@ -379,7 +358,7 @@ mod tests {
         let key = crate::search::cache::CacheKey::levels(serde_json::json!("m"), &windows, &ladder, serde_json::json!("dense"));
         let store = LevelsStore::new(root.path(), key);
         let calls = AtomicUsize::new(0);
-        let r = levels_database(&m.model, &windows, &ladder, &LevelsCalibration::Dense, &[], Some(&store), &|_, _| {}, &|| {
+        let r = levels_database(&m.model, &windows, &ladder, None, Some(&store), &|_, _| {}, &|| {
             calls.fetch_add(1, Ordering::Relaxed) > 3
         });
         assert!(matches!(r, Err(WhittleError::Cancelled)), "{:?}", r.err());

@@ -19,7 +19,7 @@ fn explore_db_vs_sequential() {
         Path::new("/tmp/wcache"),
         cache::CacheKey::levels(cache::model_identity(&m.dir).unwrap(), &hw, &ladder, serde_json::json!({"sequential": "w3", "error_feedback": true})),
     );
-    let db = database::levels_database(&m.model, &hw, &ladder, &database::LevelsCalibration::Sequential, &vec![1; 35], Some(&store), &|_, _| {}, &|| false).unwrap();
+    let db = database::levels_database(&m.model, &hw, &ladder, Some(&vec![1; 35]), Some(&store), &|_, _| {}, &|| false).unwrap();
     let space = SearchSpace::new(
         &m.model,
         ladder.clone(),
@@ -59,7 +59,7 @@ fn explore_sensitivity() {
         Path::new("/tmp/wcache"),
         cache::CacheKey::levels(cache::model_identity(&m.dir).unwrap(), &hw, &ladder, serde_json::json!({"sequential": ladder.levels[cal].label, "error_feedback": true})),
     );
-    let db = database::levels_database(&m.model, &hw, &ladder, &database::LevelsCalibration::Sequential, &vec![cal; 35], Some(&store), &|_, _| {}, &|| false).unwrap();
+    let db = database::levels_database(&m.model, &hw, &ladder, Some(&vec![cal; 35]), Some(&store), &|_, _| {}, &|| false).unwrap();
     let fw = calibration_windows(&m.tokenizer, DEFAULT_CALIBRATION_TEXT, &CalibSettings { samples: 64, ctx: 256 }, "c").unwrap();
     let reference = fitness::Reference::new(&m.model, fw, &|| false).unwrap();
     let space = SearchSpace::new(&m.model, ladder.clone(), Granularity::Linear, &Budget::AvgBits { bits: 3.0, accounting: Accounting::Code }, None).unwrap();
@@ -99,12 +99,12 @@ fn explore_proxy_fidelity() {
         Path::new("/tmp/wcache"),
         cache::CacheKey::levels(cache::model_identity(&m.dir).unwrap(), &hw, &ladder, serde_json::json!({"x": cal.clone()})),
     );
-    let seq = database::levels_database(&m.model, &hw, &ladder, &database::LevelsCalibration::Sequential, &space.linear_levels(&cal), Some(&seq_store), &|_, _| {}, &|| false).unwrap();
+    let seq = database::levels_database(&m.model, &hw, &ladder, Some(&space.linear_levels(&cal)), Some(&seq_store), &|_, _| {}, &|| false).unwrap();
     let dense_store = cache::LevelsStore::new(
         Path::new("/tmp/wcache"),
         cache::CacheKey::levels(cache::model_identity(&m.dir).unwrap(), &hw, &ladder, serde_json::json!("dense")),
     );
-    let dense = database::levels_database(&m.model, &hw, &ladder, &database::LevelsCalibration::Dense, &[], Some(&dense_store), &|_, _| {}, &|| false).unwrap();
+    let dense = database::levels_database(&m.model, &hw, &ladder, None, Some(&dense_store), &|_, _| {}, &|| false).unwrap();
     let text = std::fs::read_to_string(root.join("../shared/data/tinystories_val.txt")).unwrap();
     let toks = m.tokenizer.encode(&text).unwrap();
     let vw: Vec<Vec<u32>> = windows(&toks, 256, Some(20480)).into_iter().map(|w| w.to_vec()).collect();
@@ -147,7 +147,7 @@ fn explore_swap_in_db_along_start() {
         "error_feedback": true,
     });
     let store = cache::LevelsStore::new(Path::new("/tmp/wcache"), cache::CacheKey::levels(cache::model_identity(&m.dir).unwrap(), &hw, &ladder, calibration));
-    let db = database::levels_database(&m.model, &hw, &ladder, &database::LevelsCalibration::Sequential, &along, Some(&store), &|_, _| {}, &|| false).unwrap();
+    let db = database::levels_database(&m.model, &hw, &ladder, Some(&along), Some(&store), &|_, _| {}, &|| false).unwrap();
     println!("cached {}", db.cached);
     let fw = calibration_windows(&m.tokenizer, DEFAULT_CALIBRATION_TEXT, &CalibSettings { samples: 16, ctx: 256 }, "c").unwrap();
     let reference = fitness::Reference::new(&m.model, fw, &|| false).unwrap();

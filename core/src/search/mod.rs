@@ -32,10 +32,9 @@ pub mod space;
 pub mod units;
 
 pub use budget::{Accounting, Budget, CostTable};
-pub use database::LevelsCalibration;
 pub use events::{GenerationReport, Scored, SearchControl, SearchEvent};
 pub use evolve::{EvoSettings, Stage};
-pub use job::{prepare, run_search, spawn_search, SearchJob, SearchOutcome, SearchSettings};
+pub use job::{prepare, run_search, spawn_search, LevelsCalibration, SearchJob, SearchOutcome, SearchSettings};
 pub use ladder::{GridArgs, Ladder, Level};
 pub use space::SearchSpace;
 pub use units::Granularity;

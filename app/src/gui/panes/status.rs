@@ -33,7 +33,11 @@ pub fn ui(ui: &mut egui::Ui, state: &mut AppState) {
             } else {
                 format!("frame {:.1} ms", f.last_ms)
             };
-            ui.weak(text).on_hover_text("Time to build the last frame; long work runs off the UI thread");
+            let tip = format!(
+                "Time to build the last frame (UI thread CPU {:.1} ms; longest while working {:.1} ms). Long work runs off the UI thread.",
+                f.last_cpu_ms, f.max_busy_cpu_ms
+            );
+            ui.weak(text).on_hover_text(tip);
         });
     });
 }

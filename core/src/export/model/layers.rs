@@ -88,8 +88,8 @@ fn float_dtype(d: DType) -> FloatDtype {
 }
 
 /// The model dtype: the stored dtype of the embedding, which compression never changes.
-pub(super) fn model_dtype(loaded: &LoadedModel) -> Result<FloatDtype> {
-    Ok(float_dtype(loaded.model.embed.dtype))
+pub(super) fn model_dtype(loaded: &LoadedModel) -> FloatDtype {
+    float_dtype(loaded.model.embed.dtype)
 }
 
 /// Whether the checkpoint has its own LM head (otherwise the head is the tied embedding and is not written).

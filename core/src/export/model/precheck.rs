@@ -33,7 +33,7 @@ fn stand_in(rows: usize, cols: usize, spec: &crate::compress::QuantSpec, masked:
 
 /// Refuses `plan` for `format` when some planned layer cannot be stored in it, naming every such layer.
 pub fn check_plan(loaded: &LoadedModel, plan: &ResolvedPlan, format: ModelFormat) -> Result<()> {
-    let dtype = super::layers::model_dtype(loaded)?;
+    let dtype = super::layers::model_dtype(loaded);
     let mut errors = Vec::new();
     let (mut quantized, mut sparse_24) = (0usize, 0usize);
     for m in &plan.modules {

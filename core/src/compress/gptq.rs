@@ -307,3 +307,22 @@ mod tests {
         assert_eq!(g.compress(&w, &h, &cancel).unwrap_err(), CompressError::Cancelled);
     }
 }
+#[cfg(test)]
+mod det_probe {
+    use super::super::testutil;
+    use super::*;
+    #[test]
+    fn det() {
+        let (w, h) = testutil::layer(256, 512, 5);
+        let g = Gptq::new(QuantSpec { bits: 3, group: Some(32), sym: true, ..Default::default() });
+        let a = g.compress(&w, &h, &|| false).unwrap();
+        let b = g.compress(&w, &h, &|| false).unwrap();
+        eprintln!("same twice: {}", a.weight == b.weight);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let c = pool.install(|| g.compress(&w, &h, &|| false).unwrap());
+        eprintln!("same 1 thread: {}", a.weight == c.weight);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let d = pool.install(|| g.compress(&w, &h, &|| false).unwrap());
+        eprintln!("same 3 threads: {}", a.weight == d.weight);
+    }
+}

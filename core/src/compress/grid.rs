@@ -81,7 +81,8 @@ impl Grid {
         if sym {
             let m = (-lo).max(hi);
             let scale = f16_scale(2.0 * m / mq);
-            Grid { scale, zero: ((maxq as u16 + 1) / 2) as u8, maxq }
+            // z = (maxq + 1) / 2; maxq is odd, so that is maxq.div_ceil(2).
+            Grid { scale, zero: maxq.div_ceil(2), maxq }
         } else {
             let scale = f16_scale((hi - lo) / mq);
             let zero = (-lo / scale).round_ties_even().clamp(0.0, mq) as u8;
@@ -144,7 +145,7 @@ mod tests {
         for bits in 2..=8u8 {
             let g = Grid::fit(&v, bits, true, false);
             let maxq = (1u32 << bits) - 1;
-            assert_eq!(g.zero as u32, (maxq + 1) / 2);
+            assert_eq!(g.zero as u32 * 2, maxq + 1);
             assert_eq!(g.fake_quant(0.0), 0.0);
         }
     }

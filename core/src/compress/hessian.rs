@@ -135,9 +135,9 @@ mod tests {
         let scale = 2.0 / m as f64;
         let mut diff = 0f64;
         let mut norm = 0f64;
-        for i in 0..n * n {
-            let want = naive[i] * scale;
-            diff += (h.data[i] - want).powi(2);
+        for (&got, &sum) in h.data.iter().zip(&naive) {
+            let want = sum * scale;
+            diff += (got - want).powi(2);
             norm += want.powi(2);
         }
         // f64 round-off over ~300 samples is ~1e-14 relative; 1e-9 would still catch any f32 shortcut (~1e-7).

@@ -309,8 +309,8 @@ fn sweep_tile_block<const SIMD: bool>(t: Tile<'_>, ctx: &Ctx<'_>, cols: Cols) {
             e[r] = (x[r] - q[r]) / d;
         }
         tb[jj * L..jj * L + L].copy_from_slice(&q);
-        for r in 0..nr {
-            t.e[r * ctx.outer + j - os] = e[r];
+        for (r, &er) in e.iter().enumerate().take(nr) {
+            t.e[r * ctx.outer + j - os] = er;
         }
         // Rank-1 update of the rest of the block: one L-wide multiply-subtract per remaining column.
         rank1_update::<SIMD>(&mut tb[(jj + 1) * L..], &e, &u[j * c + j + 1..j * c + be]);

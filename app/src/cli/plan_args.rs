@@ -117,6 +117,8 @@ pub fn resolve(plan: &Plan, m: &LoadedModel) -> Result<ResolvedPlan> {
 
 /// Calibrates and compresses `m` in place, with a progress bar on stderr.
 pub fn run_compression(m: &mut LoadedModel, plan: &ResolvedPlan, calib: &CalibArgs, quiet: bool) -> Result<CompressOutput> {
+    // An imported quantized checkpoint runs packed weights; compression starts from their float values.
+    m.dequantize_linears();
     let (text, origin) = match &calib.calib {
         Some(p) => (read_text(p)?, p.display().to_string()),
         None => (DEFAULT_CALIBRATION_TEXT.to_string(), "assets/tinystories_train_calib.txt".to_string()),

@@ -130,7 +130,7 @@ fn second_search_loads_the_levels_from_the_cache() {
 fn background_job_streams_events_pauses_resumes_and_cancels() {
     let m = load_model(&default_model()).unwrap();
     let settings = SearchSettings {
-        ladder: Ladder::parse("gptq:2,3,4", &GridArgs { group: Some(32), sym: true }).unwrap(),
+        ladder: Ladder::parse("gptq:2,3,4", &GridArgs { group: Some(32), ..Default::default() }).unwrap(),
         granularity: Default::default(),
         budget: Budget::AvgBits { bits: 3.0, accounting: Accounting::Code },
         calib: whittle_core::calib::CalibSettings { samples: 8, ctx: 64 },

@@ -31,6 +31,15 @@ pub struct SearchArgs {
     /// Asymmetric grid (zero point per group) instead of symmetric.
     #[arg(long)]
     pub asym: bool,
+    /// GPTQ act-order (quantize the most important inputs first).
+    #[arg(long)]
+    pub act_order: bool,
+    /// MSE-clipped grids.
+    #[arg(long)]
+    pub mse: bool,
+    /// Dampening as a fraction of mean diag(H) (default 0.01).
+    #[arg(long)]
+    pub damp: Option<f64>,
     /// Budget: average bits per weight over the linears.
     #[arg(long, conflicts_with_all = ["target_bytes", "target_sparsity"])]
     pub target_bits: Option<f64>,
@@ -57,18 +66,19 @@ pub struct SearchArgs {
     pub max_swaps: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Selection stages WINDOWS:SURVIVORS, growing windows and shrinking survivors, ending with 1 survivor.
-    #[arg(long, default_value = "2:4,16:1")]
+    /// Selection stages WINDOWS:SURVIVORS, growing windows and shrinking survivors, ending with 1 survivor. A last
+    /// stage covering the whole pool keeps the parent's score instead of recomputing it.
+    #[arg(long, default_value = "2:4,8:1,32:1")]
     pub selection: String,
     /// Windows in the fitness pool (taken from the calibration text).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     pub fitness_windows: usize,
-    /// Tokens per fitness window.
-    #[arg(long, default_value_t = 256)]
+    /// Tokens per fitness window (attention dominates the forward pass of small models: shorter is faster).
+    #[arg(long, default_value_t = 128)]
     pub fitness_ctx: usize,
-    /// Levels databases: `hybrid` (round 1 on dense inputs, later rounds calibrated like `compress --plan` along
-    /// the best allocation so far), `sequential` (every round along the best, round 1 along the start) or `dense`.
-    #[arg(long, default_value = "hybrid")]
+    /// Levels database: `dense` (every linear on the dense model's inputs) or `sequential` (rounds calibrated like
+    /// `compress --plan` along the start, then along the best allocation so far).
+    #[arg(long, default_value = "dense")]
     pub levels_calib: LevelsCalibration,
     /// Database calibrations of a sequential search: the levels are recalibrated along the best allocation
     /// between rounds, and the generations split over them.
@@ -100,7 +110,7 @@ pub struct SearchArgs {
 }
 
 /// "2:4,16:1" → stages.
-fn parse_selection(s: &str) -> Result<Vec<Stage>> {
+pub(crate) fn parse_selection(s: &str) -> Result<Vec<Stage>> {
     s.split(',')
         .map(|part| {
             let (w, k) = part
@@ -152,7 +162,8 @@ impl SearchArgs {
             g if g >= 1 => Some(g as usize),
             g => bail!("--group {g}: must be ≥ 1, or -1 for per-channel"),
         };
-        let ladder = Ladder::parse(&self.levels, &GridArgs { group, sym: !self.asym }).map_err(|e| anyhow!("--{e}"))?;
+        let grid = GridArgs { group, sym: !self.asym, act_order: self.act_order, mse: self.mse, damp: self.damp };
+        let ladder = Ladder::parse(&self.levels, &grid).map_err(|e| anyhow!("--{e}"))?;
         let start = self.start.as_deref().map(Plan::from_file).transpose()?;
         Ok(SearchSettings {
             ladder,
@@ -306,9 +317,6 @@ pub fn run(a: SearchArgs) -> Result<()> {
                     c.measure_of(&s.start),
                     c.granularity(),
                     match settings.levels_calibration {
-                        LevelsCalibration::Hybrid => {
-                            format!("on dense inputs, then along the best ({} rounds)", settings.rounds)
-                        }
                         LevelsCalibration::Sequential => {
                             format!("along the start, then along the best ({} rounds)", settings.rounds)
                         }

@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use super::grid::Grid;
-use super::linalg::{fix_dead_inputs, inverse_cholesky_upper_f32};
+use super::linalg::{inverse_cholesky_upper_f32, zero_dead_columns};
 use super::sweep::{sweep, Groups, QuantSweep, SweepSpec};
 use super::{check_calibrated, check_inputs, CompressError, Compressed, Compressor, Hessian, Matrix, QuantSpec, QuantizedLinear};
 
@@ -30,9 +30,9 @@ impl Gptq {
 }
 
 /// Columns sorted by descending diag(H) (stable, so ties keep their original order).
-pub(crate) fn act_order_permutation(h: &[f64], n: usize) -> Vec<usize> {
-    let mut perm: Vec<usize> = (0..n).collect();
-    perm.sort_by(|&a, &b| h[b * n + b].total_cmp(&h[a * n + a]));
+pub(crate) fn act_order_permutation(diag: &[f64]) -> Vec<usize> {
+    let mut perm: Vec<usize> = (0..diag.len()).collect();
+    perm.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
     perm
 }
 
@@ -67,10 +67,12 @@ impl Compressor for Gptq {
         let spec = &self.quant;
         let (rows, c) = (w.rows, w.cols);
         let mut w0 = w.clone();
-        let hd = fix_dead_inputs(&mut w0, h);
+        let dead = zero_dead_columns(&mut w0, h);
+        // diag(H) after the dead-input fix (H_ii = 1 there), the act-order key.
+        let diag: Vec<f64> = (0..c).map(|i| if dead[i] { 1.0 } else { h.get(i, i) }).collect();
         let g = spec.group_size(c);
         let ng = c.div_ceil(g.max(1)).max(1);
-        let perm: Vec<usize> = if spec.act_order { act_order_permutation(&hd, c) } else { (0..c).collect() };
+        let perm: Vec<usize> = if spec.act_order { act_order_permutation(&diag) } else { (0..c).collect() };
 
         // Grid mode. One group covering the row is per-channel; reference GPTQ fits it up front.
         let groups = if ng == 1 {
@@ -83,8 +85,12 @@ impl Compressor for Gptq {
             Groups::Dynamic { g }
         };
 
-        // Permute W's columns and H's rows/columns into sweep order (no copies without act-order).
-        let (mut wp, hp) = if spec.act_order {
+        if cancel() {
+            return Err(CompressError::Cancelled);
+        }
+        // Permute W's columns and H's rows/columns into sweep order; without act-order nothing is copied and the
+        // factorization reads H directly (dead inputs passed as a mask).
+        let (mut wp, u, damp_used) = if spec.act_order {
             let mut wp = Matrix::zeros(rows, c);
             wp.data.par_chunks_mut(c).enumerate().for_each(|(r, d)| {
                 let s = w0.row(r);
@@ -92,23 +98,21 @@ impl Compressor for Gptq {
                     d[j] = s[p];
                 }
             });
+            drop(w0);
             let mut hp = vec![0f64; c * c];
             hp.par_chunks_mut(c).enumerate().for_each(|(i, row)| {
-                let src = &hd[perm[i] * c..(perm[i] + 1) * c];
+                let src = &h.data[perm[i] * c..(perm[i] + 1) * c];
                 for (j, &p) in perm.iter().enumerate() {
                     row[j] = src[p];
                 }
             });
-            (wp, hp)
+            let dead_p: Vec<bool> = perm.iter().map(|&p| dead[p]).collect();
+            let (u, damp_used) = inverse_cholesky_upper_f32(&hp, c, &dead_p, self.damp)?;
+            (wp, u, damp_used)
         } else {
-            (w0, hd)
+            let (u, damp_used) = inverse_cholesky_upper_f32(&h.data, c, &dead, self.damp)?;
+            (w0, u, damp_used)
         };
-
-        if cancel() {
-            return Err(CompressError::Cancelled);
-        }
-        let (u, damp_used) = inverse_cholesky_upper_f32(&hp, c, self.damp)?;
-        drop(hp);
 
         let dynamic = matches!(groups, Groups::Dynamic { .. });
         let out = sweep(
@@ -235,7 +239,8 @@ mod tests {
         }
         // The permutation and its inverse: sweep order is descending diag(H), and unpermute ∘ permute = identity.
         let n = h.n;
-        let perm = act_order_permutation(&h.data, n);
+        let diag: Vec<f64> = (0..n).map(|i| h.get(i, i)).collect();
+        let perm = act_order_permutation(&diag);
         assert!(perm.windows(2).all(|p| h.get(p[0], p[0]) >= h.get(p[1], p[1])));
         let row: Vec<usize> = (0..n).map(|i| i * 7 + 1).collect();
         let permuted: Vec<usize> = perm.iter().map(|&p| row[p]).collect();

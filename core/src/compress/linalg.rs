@@ -21,18 +21,26 @@ const DAMP_RETRIES: usize = 4;
 /// ... starting from at least this much when the requested damp is 0.
 const DAMP_FLOOR: f64 = 1e-4;
 
-/// Algorithms.md §3 step 1: where H_ii = 0 the input never fires; set H_ii = 1 and zero the weight column so the
-/// factorization is defined and the compressor outputs 0 there. Returns the H copy with the fix applied.
+/// Algorithms.md §3 step 1: where H_ii = 0 the input never fires; its weight column is zeroed here (the compressor
+/// then outputs 0 there) and the returned mask tells the factorization to use H_ii = 1 so it is defined.
+pub(crate) fn zero_dead_columns(w: &mut Matrix, h: &Hessian) -> Vec<bool> {
+    let n = h.n;
+    let dead: Vec<bool> = (0..n).map(|i| h.data[i * n + i] == 0.0).collect();
+    if dead.iter().any(|&d| d) {
+        w.data.par_chunks_mut(w.cols).for_each(|row| {
+            row.iter_mut().zip(&dead).filter(|(_, &d)| d).for_each(|(v, _)| *v = 0.0);
+        });
+    }
+    dead
+}
+
+/// [`zero_dead_columns`] plus a copy of H with H_ii = 1 at dead inputs, for callers that need H itself.
 pub(crate) fn fix_dead_inputs(w: &mut Matrix, h: &Hessian) -> Vec<f64> {
+    let dead = zero_dead_columns(w, h);
     let n = h.n;
     let mut hd = h.data.clone();
-    for i in 0..n {
-        if hd[i * n + i] == 0.0 {
-            hd[i * n + i] = 1.0;
-            for r in 0..w.rows {
-                w.data[r * w.cols + i] = 0.0;
-            }
-        }
+    for i in (0..n).filter(|&i| dead[i]) {
+        hd[i * n + i] = 1.0;
     }
     hd
 }
@@ -40,29 +48,38 @@ pub(crate) fn fix_dead_inputs(w: &mut Matrix, h: &Hessian) -> Vec<f64> {
 /// The upper Cholesky factor U of (H + λI)⁻¹, row-major n×n (lower part zero), with λ = damp · mean(diag H).
 /// If the factorization fails the damp is raised ×10 (up to 4 times). Returns (U, damp actually used).
 pub(crate) fn inverse_cholesky_upper(h: &[f64], n: usize, damp: f64) -> Result<(Vec<f64>, f64), CompressError> {
-    inverse_cholesky_upper_as::<f64>(h, n, damp)
+    inverse_cholesky_upper_as::<f64>(h, n, &[], damp)
 }
 
-/// [`inverse_cholesky_upper`] for the f32 column sweep: the Cholesky factorization (where definiteness is
-/// decided) stays f64, the triangular inverse runs in f32. The sweep consumes U in f32 anyway, and triangular
-/// inversion is forward stable (relative error ~ κ(L)·2⁻²⁴, κ(L) = √κ(H + λI) ≲ 10³ with damp ≥ 0.01), while
-/// it halves the O(c³) part that otherwise dominates GPTQ on square layers.
-pub(crate) fn inverse_cholesky_upper_f32(h: &[f64], n: usize, damp: f64) -> Result<(Vec<f32>, f64), CompressError> {
-    inverse_cholesky_upper_as::<f32>(h, n, damp)
+/// [`inverse_cholesky_upper`] for the f32 column sweep, with H_ii taken as 1 where `dead[i]` (empty = none), which
+/// saves the sweep a c×c copy of H. The Cholesky factorization (where definiteness is decided) stays f64; the
+/// triangular inverse runs in f32: the sweep consumes U in f32 anyway, triangular inversion is forward stable
+/// (relative error ~ κ(L)·2⁻²⁴, κ(L) = √κ(H + λI) ≲ 10³ with damp ≥ 0.01), and it halves the O(c³) part that
+/// otherwise dominates GPTQ on square layers.
+pub(crate) fn inverse_cholesky_upper_f32(
+    h: &[f64],
+    n: usize,
+    dead: &[bool],
+    damp: f64,
+) -> Result<(Vec<f32>, f64), CompressError> {
+    inverse_cholesky_upper_as::<f32>(h, n, dead, damp)
 }
 
 /// Precision of the triangular inverse.
-trait InvScalar: faer::traits::ComplexField + Copy + Send + Sync {
+trait InvScalar: faer::traits::ComplexField + Copy + Send + Sync + PartialOrd {
     fn of(v: f64) -> Self;
-    fn finite_positive_diag(u: &[Self], n: usize) -> bool;
+    fn finite(self) -> bool;
+    fn finite_positive(self) -> bool {
+        self.finite() && self > Self::of(0.0)
+    }
 }
 
 impl InvScalar for f64 {
     fn of(v: f64) -> Self {
         v
     }
-    fn finite_positive_diag(u: &[Self], n: usize) -> bool {
-        u.iter().all(|v| v.is_finite()) && (0..n).all(|i| u[i * n + i] > 0.0)
+    fn finite(self) -> bool {
+        self.is_finite()
     }
 }
 
@@ -70,13 +87,19 @@ impl InvScalar for f32 {
     fn of(v: f64) -> Self {
         v as f32
     }
-    fn finite_positive_diag(u: &[Self], n: usize) -> bool {
-        u.iter().all(|v| v.is_finite()) && (0..n).all(|i| u[i * n + i] > 0.0)
+    fn finite(self) -> bool {
+        self.is_finite()
     }
 }
 
-fn inverse_cholesky_upper_as<T: InvScalar>(h: &[f64], n: usize, damp: f64) -> Result<(Vec<T>, f64), CompressError> {
-    let mean_diag = if n == 0 { 0.0 } else { (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64 };
+fn inverse_cholesky_upper_as<T: InvScalar>(
+    h: &[f64],
+    n: usize,
+    dead: &[bool],
+    damp: f64,
+) -> Result<(Vec<T>, f64), CompressError> {
+    let diag = |i: usize| if dead.get(i) == Some(&true) { 1.0 } else { h[i * n + i] };
+    let mean_diag = if n == 0 { 0.0 } else { (0..n).map(diag).sum::<f64>() / n as f64 };
     let par = Par::rayon(0);
     let mut d = damp;
     for attempt in 0..=DAMP_RETRIES {
@@ -84,11 +107,13 @@ fn inverse_cholesky_upper_as<T: InvScalar>(h: &[f64], n: usize, damp: f64) -> Re
             d = (d * DAMP_STEP).max(DAMP_FLOOR);
         }
         let lambda = d * mean_diag;
-        // J (H + λI) J.
-        let mut a: Vec<f64> = h.iter().rev().copied().collect();
-        for i in 0..n {
-            a[i * n + i] += lambda;
-        }
+        // J (H + λI) J: row i of the reversal is row n−1−i of H, reversed.
+        let mut a = vec![0f64; n * n];
+        a.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+            let src = &h[(n - 1 - i) * n..(n - i) * n];
+            row.iter_mut().zip(src.iter().rev()).for_each(|(x, &y)| *x = y);
+            row[i] = diag(n - 1 - i) + lambda;
+        });
         let ok = {
             let mut mem = MemBuffer::new(cholesky_in_place_scratch::<f64>(n, par, Default::default()));
             let stack = MemStack::new(&mut mem);
@@ -111,10 +136,19 @@ fn inverse_cholesky_upper_as<T: InvScalar>(h: &[f64], n: usize, damp: f64) -> Re
             par,
         );
         drop(l);
-        // J L⁻¹ J.
-        inv.reverse();
-        // A "successful" factorization of a nearly singular matrix can still overflow in the inverse.
-        if T::finite_positive_diag(&inv, n) {
+        // J L⁻¹ J: reverse the buffer, swapping row i with row n−1−i reversed, in parallel.
+        let (top, bottom) = inv.split_at_mut((n / 2) * n);
+        let (middle, bottom) = bottom.split_at_mut((n % 2) * n);
+        middle.reverse();
+        top.par_chunks_mut(n).zip(bottom.par_chunks_mut(n).rev()).for_each(|(x, y)| {
+            x.iter_mut().zip(y.iter_mut().rev()).for_each(|(p, q)| std::mem::swap(p, q));
+        });
+        // A "successful" factorization of a nearly singular matrix can still overflow in the inverse: the upper
+        // triangle must be finite and the diagonal positive.
+        let sane = inv.par_chunks(n).enumerate().all(|(i, row)| {
+            row[i].finite_positive() && row[i + 1..].iter().all(|v| v.finite())
+        });
+        if sane {
             return Ok((inv, d));
         }
     }
@@ -203,12 +237,30 @@ mod tests {
     fn f32_inverse_factor_agrees_with_f64() {
         let (_, h) = testutil::layer(4, 64, 8);
         let (u64_, d64) = inverse_cholesky_upper(&h.data, 64, 0.01).unwrap();
-        let (u32_, d32) = inverse_cholesky_upper_f32(&h.data, 64, 0.01).unwrap();
+        let (u32_, d32) = inverse_cholesky_upper_f32(&h.data, 64, &[], 0.01).unwrap();
         assert_eq!(d64, d32);
         let scale = u64_.iter().fold(0f64, |m, v| m.max(v.abs()));
         let worst = u64_.iter().zip(&u32_).map(|(a, &b)| (a - b as f64).abs()).fold(0f64, f64::max);
         // f32 inversion of a factor with κ(L) ~ 10²: ~1e-5 of the largest entry; 1e-3 would flag a wrong layout.
         assert!(worst <= 1e-4 * scale, "max deviation {worst} vs max entry {scale}");
+    }
+
+    #[test]
+    fn dead_mask_equals_unit_diagonal() {
+        // Passing the dead mask must give exactly the factor of H with H_ii = 1 there (what OBC builds).
+        let (mut w, mut h) = testutil::layer(3, 20, 9);
+        let n = h.n;
+        for k in 0..n {
+            h.data[5 * n + k] = 0.0;
+            h.data[k * n + 5] = 0.0;
+        }
+        let hd = fix_dead_inputs(&mut w.clone(), &h);
+        let dead = zero_dead_columns(&mut w, &h);
+        assert!(dead[5] && dead.iter().filter(|&&d| d).count() == 1);
+        assert!((0..3).all(|r| w.get(r, 5) == 0.0));
+        let (a, da) = inverse_cholesky_upper_f32(&h.data, n, &dead, 0.01).unwrap();
+        let (b, db) = inverse_cholesky_upper_f32(&hd, n, &[], 0.01).unwrap();
+        assert_eq!((a, da), (b, db));
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub use rtn::Rtn;
 pub use sparsegpt::SparseGpt;
 pub use types::*;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Largest layer (input columns) OBC accepts: it costs O(c³) per output row.
@@ -172,6 +173,10 @@ pub fn validate(job: &LayerJob) -> Result<(), CompressError> {
         return Err(CompressError::InvalidSpec("block_size must be at least 1, found 0".into()));
     }
     let m = job.method;
+    // Act-order is the order GPTQ/SparseGPT visit columns in; round-to-nearest and magnitude have no order.
+    if matches!(m, Method::Rtn | Method::Magnitude) && job.quant.as_ref().is_some_and(|q| q.act_order) {
+        return Err(CompressError::InvalidSpec(format!("act_order applies to gptq, sparsegpt and obc, not to {m}")));
+    }
     match (m, &job.quant, &job.sparsity) {
         (Method::Rtn | Method::Gptq, None, _) => {
             Err(CompressError::InvalidSpec(format!("method {m} needs a quant spec")))
@@ -244,6 +249,11 @@ pub(crate) fn check_inputs(w: &Matrix, h: &Hessian) -> Result<(), CompressError>
             h.data.len(),
             w.cols
         )));
+    }
+    // Parallel scans first (H can be 28k² values); positions are looked up only on failure.
+    let finite = |v: &[f64]| v.par_chunks(1 << 16).all(|c| c.iter().all(|x| x.is_finite()));
+    if w.data.par_chunks(1 << 16).all(|c| c.iter().all(|x| x.is_finite())) && finite(&h.data) {
+        return Ok(());
     }
     if let Some(i) = w.data.iter().position(|x| !x.is_finite()) {
         return Err(CompressError::Numerical(format!(

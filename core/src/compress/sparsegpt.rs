@@ -5,7 +5,7 @@
 //! pruned weights are exactly 0, recorded in the keep-mask, and their codes are the zero point.
 
 use super::grid::Grid;
-use super::linalg::{fix_dead_inputs, inverse_cholesky_upper_f32};
+use super::linalg::{inverse_cholesky_upper_f32, zero_dead_columns};
 use super::sweep::{sweep, Groups, QuantSweep, SweepSpec};
 use super::{check_calibrated, check_inputs, CompressError, Compressed, Compressor, Hessian, Matrix, QuantSpec, QuantizedLinear, Sparsity};
 
@@ -32,12 +32,11 @@ impl Compressor for SparseGpt {
         check_calibrated(h)?;
         let (rows, c) = (w.rows, w.cols);
         let mut wk = w.clone();
-        let hd = fix_dead_inputs(&mut wk, h);
+        let dead = zero_dead_columns(&mut wk, h);
         if cancel() {
             return Err(CompressError::Cancelled);
         }
-        let (u, damp_used) = inverse_cholesky_upper_f32(&hd, c, self.damp)?;
-        drop(hd);
+        let (u, damp_used) = inverse_cholesky_upper_f32(&h.data, c, &dead, self.damp)?;
 
         let quant = self.quant.as_ref().map(|s| {
             let g = s.group_size(c);

@@ -61,6 +61,9 @@ pub struct ModelConfig {
     pub raw: Value,
 }
 
+/// Above any model anyone runs (2^48 ≈ 281 trillion parameters); guards the size arithmetic.
+const MAX_PARAMETERS: usize = 1 << 48;
+
 fn usize_field(v: &Value, path: &Path, name: &str) -> Result<Option<usize>> {
     match v.get(name) {
         None | Some(Value::Null) => Ok(None),
@@ -197,6 +200,14 @@ impl ModelConfig {
         if cfg.intermediate_size == 0 || cfg.num_layers == 0 || cfg.vocab_size == 0 {
             return Err(WhittleError::field(path, "intermediate_size", "intermediate_size, num_hidden_layers and vocab_size must be > 0"));
         }
+        // Sizes are multiplied together everywhere; a config whose products overflow describes no real model.
+        if cfg.checked_parameter_count().is_none_or(|n| n > MAX_PARAMETERS) {
+            return Err(WhittleError::field(
+                path,
+                "hidden_size",
+                "the sizes (hidden_size, intermediate_size, num_hidden_layers, vocab_size, heads) give an implausible parameter count (over 2^48)",
+            ));
+        }
         Ok(cfg)
     }
 
@@ -207,12 +218,20 @@ impl ModelConfig {
         self.num_kv_heads * self.head_dim
     }
 
-    /// Parameters of the whole model (embedding, blocks, norms, head unless tied).
+    /// Parameters of the whole model (embedding, blocks, norms, head unless tied). Checked not to overflow when
+    /// the config was parsed.
     pub fn parameter_count(&self) -> usize {
+        self.checked_parameter_count().expect("parameter count checked in from_json")
+    }
+
+    fn checked_parameter_count(&self) -> Option<usize> {
         let (d, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let attn = d * self.q_dim() * 2 + d * self.kv_dim() * 2;
-        let mlp = 3 * d * i;
-        let per_layer = attn + mlp + 2 * d;
-        v * d * if self.tie_word_embeddings { 1 } else { 2 } + self.num_layers * per_layer + d
+        let q = self.num_heads.checked_mul(self.head_dim)?;
+        let kv = self.num_kv_heads.checked_mul(self.head_dim)?;
+        let attn = d.checked_mul(q.checked_add(kv)?)?.checked_mul(2)?;
+        let mlp = d.checked_mul(i)?.checked_mul(3)?;
+        let per_layer = attn.checked_add(mlp)?.checked_add(d.checked_mul(2)?)?;
+        let embed = v.checked_mul(d)?.checked_mul(if self.tie_word_embeddings { 1 } else { 2 })?;
+        embed.checked_add(self.num_layers.checked_mul(per_layer)?)?.checked_add(d)
     }
 }

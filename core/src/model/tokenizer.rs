@@ -14,9 +14,18 @@ impl Tokenizer {
         if !path.exists() {
             return Err(WhittleError::file(path, "tokenizer.json missing (a Hugging Face fast tokenizer is required)"));
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| WhittleError::file(path, format!("cannot parse tokenizer: {e}")))?;
-        Ok(Self { inner, path: path.to_path_buf() })
+        let bytes = std::fs::read(path).map_err(|e| WhittleError::io(path, e))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// A tokenizer from the bytes of a `tokenizer.json`; `origin` names it in errors.
+    pub fn from_bytes(bytes: &[u8], origin: &Path) -> Result<Self> {
+        // The tokenizers crate panics on some malformed files (an `expect` in its decoder deserializer, found by
+        // tests/fuzz_parsers.rs); a user's bad file must be an error naming it, not a crash.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|_| WhittleError::file(origin, "cannot parse tokenizer: malformed `decoder` or other section"))?;
+        let inner = parsed.map_err(|e| WhittleError::file(origin, format!("cannot parse tokenizer: {e}")))?;
+        Ok(Self { inner, path: origin.to_path_buf() })
     }
 
     /// Token ids of `text` without special tokens (the evaluation protocol prepends nothing).

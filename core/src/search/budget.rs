@@ -297,7 +297,7 @@ pub(crate) mod tests {
     }
 
     pub fn table(spec: &str, budget: Budget) -> Result<CostTable> {
-        let ladder = Ladder::parse(spec, &GridArgs { group: Some(32), sym: true }).unwrap();
+        let ladder = Ladder::parse(spec, &GridArgs { group: Some(32), ..Default::default() }).unwrap();
         let s = shapes();
         CostTable::new(&build_units(&s, Granularity::Linear), &s, &ladder, &budget, 0, 32.0)
     }
@@ -366,7 +366,7 @@ pub(crate) mod tests {
 
     #[test]
     fn bytes_budget_includes_other_parameters() {
-        let ladder = Ladder::parse("gptq:2,3,4", &GridArgs { group: Some(32), sym: true }).unwrap();
+        let ladder = Ladder::parse("gptq:2,3,4", &GridArgs { group: Some(32), ..Default::default() }).unwrap();
         let s = shapes();
         let units = build_units(&s, Granularity::Linear);
         let w3 = crate::plan::Plan::from_toml_str("[[rules]]\nmodules = \"*\"\nbits = 3\ngroup = 32\n", std::path::Path::new("t"))

@@ -56,7 +56,11 @@ impl Default for EvoSettings {
             offspring: 16,
             max_swaps: 3,
             seed: 0,
-            stages: vec![Stage { windows: 2, survivors: 4 }, Stage { windows: 16, survivors: 1 }],
+            stages: vec![
+                Stage { windows: 2, survivors: 4 },
+                Stage { windows: 8, survivors: 1 },
+                Stage { windows: 32, survivors: 1 },
+            ],
         }
     }
 }

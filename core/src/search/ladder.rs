@@ -69,17 +69,23 @@ pub struct Ladder {
     pub levels: Vec<Level>,
 }
 
-/// Grid settings shared by every quantized level of a ladder.
+/// Compressor settings shared by every level of a ladder.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GridArgs {
     /// Columns per group; `None` = per output channel.
     pub group: Option<usize>,
     pub sym: bool,
+    /// GPTQ act-order (a GPTQ option: other methods reject it).
+    pub act_order: bool,
+    /// MSE-clipped grids.
+    pub mse: bool,
+    /// Dampening; `None` = the compressors' default.
+    pub damp: Option<f64>,
 }
 
 impl Default for GridArgs {
     fn default() -> Self {
-        Self { group: Some(128), sym: true }
+        Self { group: Some(128), sym: true, act_order: false, mse: false, damp: None }
     }
 }
 
@@ -103,7 +109,20 @@ impl Ladder {
             }
             None => (values, None),
         };
-        let quant = |bits: u8| QuantSpec { bits, group: grid.group, sym: grid.sym, ..Default::default() };
+        let quant = |bits: u8| QuantSpec {
+            bits,
+            group: grid.group,
+            sym: grid.sym,
+            act_order: grid.act_order,
+            static_groups: false,
+            mse: grid.mse,
+        };
+        let damped = |mut level: Level| {
+            if let (Some(job), Some(d)) = (level.job.as_mut(), grid.damp) {
+                job.damp = d;
+            }
+            level
+        };
         let mut levels = Vec::new();
         let mut seen = Vec::new();
         for tok in values.split(',').map(str::trim) {
@@ -136,6 +155,7 @@ impl Ladder {
                     ))
                 }
             };
+            let level = damped(level);
             if let Some(job) = &level.job {
                 validate(job).map_err(|e| format!("levels `{spec}`, value {tok}: {e}"))?;
             }
@@ -206,7 +226,7 @@ mod tests {
     use super::*;
 
     fn g32() -> GridArgs {
-        GridArgs { group: Some(32), sym: true }
+        GridArgs { group: Some(32), ..Default::default() }
     }
 
     #[test]
@@ -249,9 +269,13 @@ mod tests {
 
     #[test]
     fn rules_reproduce_the_level_job() {
-        let l = Ladder::parse("sparsegpt:0,25,50@3", &GridArgs { group: None, sym: false }).unwrap();
+        let l = Ladder::parse("sparsegpt:0,25,50@3", &GridArgs { group: None, sym: false, ..Default::default() }).unwrap();
         let dense = Ladder::parse("sparsegpt:0,50", &g32()).unwrap();
-        for level in l.levels.iter().chain(&dense.levels) {
+        let tuned = GridArgs { group: Some(32), sym: false, act_order: true, mse: true, damp: Some(0.05) };
+        let gptq = Ladder::parse("gptq:2,3", &tuned).unwrap();
+        assert_eq!(gptq.levels[0].job.as_ref().unwrap().damp, 0.05);
+        assert!(Ladder::parse("rtn:2,3", &tuned).unwrap_err().contains("act_order"));
+        for level in l.levels.iter().chain(&dense.levels).chain(&gptq.levels) {
             let plan = crate::plan::Plan { rules: vec![level.rule("*")], ..Default::default() };
             let r = plan.resolve(&[("m".into(), 8, 64)], 0, 32.0).unwrap();
             assert_eq!(r.modules[0].job, level.job, "{}", level.label);

@@ -38,4 +38,3 @@ pub use job::{prepare, run_search, spawn_search, LevelsCalibration, SearchJob, S
 pub use ladder::{GridArgs, Ladder, Level};
 pub use space::SearchSpace;
 pub use units::Granularity;
-mod explore;

@@ -9,7 +9,7 @@
 //! PNGs.
 
 use eframe::egui::{self, Key, Modifiers};
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use egui_kittest::{Harness, SnapshotOptions};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -172,6 +172,14 @@ fn compress_all_layers_w4g32_then_plots_and_compare_fill_in() {
     assert_eq!(h.state().state.drawn.error_bars, 35);
     assert!(h.query_by_label("35 / 35 layers").is_some());
     snapshot(&mut h, "plots");
+    // The log scale keeps every bar (no layer has zero error) and is a keyboard toggle.
+    h.key_press_modifiers(Modifiers::COMMAND, Key::L);
+    h.step();
+    h.step();
+    assert!(h.state().state.settings.log_scale);
+    assert_eq!(h.state().state.drawn.error_bars, 35);
+    h.key_press_modifiers(Modifiers::COMMAND, Key::L);
+    h.step();
 
     // A second variant to compare against.
     set_all(&mut h, "sparsegpt 2:4");
@@ -256,4 +264,173 @@ fn a_bad_folder_shows_an_error_message() {
     // The previous model stays open and usable.
     assert_eq!(h.state().state.model.as_ref().unwrap().model.config.num_layers, 5);
     assert!(h.state().state.plan.as_ref().unwrap().resolved.is_ok());
+}
+
+/// Compresses the default model with every layer at `spec` and waits for the variant (evaluation off: these tests
+/// are about other panes).
+fn compress_all(h: &mut Harness<'_, WhittleApp>, spec: &str) {
+    h.state_mut().state.auto_evaluate = false;
+    set_all(h, spec);
+    let before = h.state().state.variants.len();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    step_until(h, "the compression", |a| !a.state.busy() && a.state.variants.len() == before + 1);
+    no_errors(h);
+}
+
+#[test]
+fn chat_streams_replies_from_the_original_and_the_packed_variant() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = app(quick_settings());
+    idle_with_model(&mut h);
+    compress_all(&mut h, "w4g32");
+    assert!(h.state_mut().show_tab("Chat"));
+    h.step();
+    h.state_mut().state.chat.settings.max_tokens = 48;
+    h.state_mut().state.chat.input = "Once upon a time".into();
+    h.step();
+    h.get_by_label("Send").click();
+    h.step();
+    assert!(h.state().state.chat.generating(), "Send starts both replies");
+    step_until(&mut h, "both replies", |a| {
+        let c = &a.state.chat;
+        !c.generating() && c.columns.iter().all(|col| col.stats.is_some())
+    });
+    for _ in 0..3 {
+        h.step();
+    }
+    let c = &h.state().state.chat;
+    for (side, col) in c.columns.iter().enumerate() {
+        let reply = &col.replies[0];
+        assert!(!reply.trim().is_empty(), "column {side} has no reply");
+        assert!(col.stats.unwrap().tokens_per_second > 0.0, "column {side} has no speed");
+        assert!(col.error.is_none(), "column {side}: {:?}", col.error);
+    }
+    let packed = c.packed.as_ref().expect("the variant is packed");
+    assert_eq!(packed.report.packed, 35, "every linear runs packed");
+    assert!(c.columns[1].weight_bytes < c.columns[0].weight_bytes, "4-bit weights take less memory than f32");
+    let word = c.columns[0].replies[0].split_whitespace().find(|w| w.len() >= 4 && w.chars().all(char::is_alphabetic)).unwrap().to_string();
+    assert!(h.query_all_by_label_contains(&word).next().is_some(), "the reply ({word} …) is on screen");
+    no_errors(&h);
+    snapshot(&mut h, "chat");
+}
+
+#[test]
+fn search_finds_a_plan_pauses_cancels_and_its_plan_compresses() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut settings = quick_settings();
+    settings.calib.samples = 8;
+    settings.calib.ctx = 128;
+    let mut h = app(settings);
+    idle_with_model(&mut h);
+    assert!(h.state_mut().show_tab("Search"));
+    h.step();
+    let target = 3.5;
+    {
+        let f = &mut h.state_mut().state.search.form;
+        f.ladder = "gptq:2,3,4,5".into();
+        f.target_bits = target;
+        f.generations = 10_000;
+        f.offspring = 4;
+        f.selection = "2:2,8:1".into();
+        f.fitness_windows = 8;
+        f.fitness_ctx = 64;
+        f.cache = false;
+    }
+    h.step();
+    h.get_by_label("Start").click();
+    h.step();
+    assert!(h.state().state.search.running());
+    step_until(&mut h, "the first generations", |a| a.state.search.curve.len() >= 2);
+
+    // Pause holds the search between generations; Resume lets it go on.
+    h.get_by_label("Pause").click();
+    step_until(&mut h, "the pause", |a| a.state.search.phase == "paused");
+    let held = h.state().state.search.generation;
+    for _ in 0..20 {
+        h.step();
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    assert_eq!(h.state().state.search.generation, held, "no generation runs while paused");
+    h.get_by_label("Resume").click();
+    step_until(&mut h, "more generations", |a| a.state.search.generation > held);
+    snapshot(&mut h, "search");
+
+    // Cancel mid-search: the search stops with its best allocation, and the window stays usable.
+    h.get_by_label("Cancel").click();
+    step_until(&mut h, "the cancel", |a| !a.state.search.running());
+    no_errors(&h);
+    let s = &h.state().state.search;
+    let out = s.outcome.as_ref().expect("a cancelled search still reports its best");
+    assert!(out.cancelled && out.generations < 10_000);
+    assert!(s.curve.len() >= 2);
+    assert!(s.phase.contains("cancelled"), "{}", s.phase);
+
+    h.get_by_label("Use this plan").click();
+    h.step();
+    no_errors(&h);
+    let plan = h.state().state.plan.as_ref().unwrap();
+    let avg = plan.resolved.as_ref().unwrap().avg_bits;
+    let step = h.state().state.search.space.as_ref().unwrap().costs.granularity();
+    assert!((avg - target).abs() <= step + 1e-9, "the searched plan is at {avg} bits/weight, target {target} (step {step})");
+    assert!(plan.rows.iter().any(|r| r.rule.bits != plan.rows[0].rule.bits), "the allocation is mixed");
+
+    // The searched plan compresses like any plan.
+    h.state_mut().state.auto_evaluate = false;
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    step_until(&mut h, "compressing the searched plan", |a| !a.state.busy() && a.state.variants.len() == 2);
+    no_errors(&h);
+    assert_eq!(h.state().state.variants[1].layers.len(), 35);
+}
+
+#[test]
+fn export_writes_a_gptq_folder_and_refuses_to_overwrite_it() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = app(quick_settings());
+    idle_with_model(&mut h);
+    compress_all(&mut h, "w4g32");
+    assert!(h.state_mut().show_tab("Export"));
+    h.step();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("stories260k-w4g32-gptq");
+    {
+        let e = &mut h.state_mut().state.export;
+        assert_eq!(e.format.name(), "gptq");
+        e.out = out.display().to_string();
+    }
+    h.step();
+    assert!(h.query_by_label_contains("can be stored as gptq").is_some(), "the pre-check passes");
+    h.get_by_label("Export to folder").click();
+    step_until(&mut h, "the export", |a| a.state.export.job.is_none() && a.state.export.report.is_some());
+    no_errors(&h);
+    let report = h.state().state.export.report.clone().unwrap();
+    assert_eq!(report.quantized_layers, 35);
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(config.get("quantization_config").is_some(), "config.json has quantization_config");
+    assert!(out.join("model.safetensors").is_file());
+    h.step();
+    assert!(h.query_by_label("Open in Whittle").is_some());
+    snapshot(&mut h, "export");
+
+    // The same folder again, without "Replace": refused with a message, the folder untouched.
+    let before = std::fs::metadata(out.join("model.safetensors")).unwrap().modified().unwrap();
+    h.get_by_label("Export to folder").click();
+    step_until(&mut h, "the refusal", |a| a.state.export.job.is_none() && !a.state.messages.is_empty());
+    let text = h.state().state.messages[0].text.clone();
+    assert!(text.contains(&out.display().to_string()) && text.contains("exists"), "{text}");
+    assert_eq!(std::fs::metadata(out.join("model.safetensors")).unwrap().modified().unwrap(), before);
+
+    // A plan the format cannot hold is refused before anything runs, naming the layer and why.
+    h.get_by_label("Dismiss").click();
+    h.state_mut().state.export.format = whittle_core::export::ModelFormat::CompressedTensors;
+    h.step();
+    h.step();
+    let why = "model.layers.0.mlp.down_proj: group size 32 does not divide in_features 172";
+    assert!(h.query_by_label_contains(why).is_some(), "the pre-check names the layer on screen");
+    assert!(h.get_by_label("Export to folder").accesskit_node().is_disabled(), "Export is off while the pre-check fails");
+
+    // The export opens back in Whittle as the model.
+    h.get_by_label("Open in Whittle").click();
+    step_until(&mut h, "the exported model to open", |a| !a.state.busy() && a.state.model_spec.as_deref() == Some(&*out.display().to_string()));
+    no_errors(&h);
+    assert_eq!(h.state().state.model.as_ref().unwrap().quantized.len(), 35, "the export loads with its codes");
 }

@@ -17,7 +17,7 @@ use std::time::Instant;
 use whittle_kernels::{DenseWeight, Weight};
 
 /// The result of compressing one linear.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct LayerResult {
     pub name: String,
     pub layer: usize,
@@ -53,6 +53,44 @@ pub struct CompressOutput {
     pub seconds: f64,
 }
 
+/// A compressed linear as a checkpoint stores it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CompressedWeight {
+    Quantized(QuantizedLinear),
+    /// Float values (pruned without quantization, or a method without an integer form).
+    Dense(Vec<f32>),
+}
+
+impl CompressedWeight {
+    /// The float values the next layers are calibrated on.
+    fn values(&self) -> Vec<f32> {
+        match self {
+            CompressedWeight::Quantized(q) => q.dequantize().data,
+            CompressedWeight::Dense(v) => v.clone(),
+        }
+    }
+}
+
+/// A finished decoder layer: the compressed linears (by kind index; linears the plan keeps dense are absent) and
+/// their results.
+#[derive(Clone, Debug)]
+pub struct FinishedLayer {
+    pub layer: usize,
+    pub results: Vec<LayerResult>,
+    pub weights: Vec<(usize, CompressedWeight)>,
+}
+
+/// Where a streaming compression keeps finished layers, so memory holds one layer at a time and a restarted job
+/// skips the layers an earlier run finished (see `crate::checkpoint`).
+pub trait Checkpoint {
+    /// The layer as an earlier run finished it, if it did.
+    fn restore(&mut self, layer: usize) -> Result<Option<FinishedLayer>>;
+    /// Stores a finished layer durably before the job moves on.
+    fn save(&mut self, layer: &FinishedLayer) -> Result<()>;
+    /// Layer `layer` is done and its outputs computed: its weights may leave memory.
+    fn release(&mut self, layer: usize);
+}
+
 const STAGES: [(&str, Site, &[usize]); 4] = [
     ("qkv", Site::AttnIn, &[0, 1, 2]),
     ("o", Site::OIn, &[3]),
@@ -69,6 +107,20 @@ pub fn compress_model(
     on_event: &mut dyn FnMut(CompressEvent),
     cancelled: &(dyn Fn() -> bool + Sync),
 ) -> Result<CompressOutput> {
+    compress_model_with(model, plan, windows, on_event, cancelled, None)
+}
+
+/// [`compress_model`] with an optional checkpoint. With one, every finished layer is saved to it and then released
+/// (its weights leave `model`, which is spent afterwards), layers it already holds are restored instead of
+/// compressed, and `CompressOutput::quantized` stays empty: the checkpoint holds the integer forms.
+pub fn compress_model_with(
+    model: &mut Model,
+    plan: &ResolvedPlan,
+    windows: &[Vec<u32>],
+    on_event: &mut dyn FnMut(CompressEvent),
+    cancelled: &(dyn Fn() -> bool + Sync),
+    mut checkpoint: Option<&mut dyn Checkpoint>,
+) -> Result<CompressOutput> {
     let start = Instant::now();
     let by_name: BTreeMap<&str, &crate::plan::ModulePlan> = plan.modules.iter().map(|m| (m.name.as_str(), m)).collect();
     let total = plan.modules.len();
@@ -82,12 +134,30 @@ pub fn compress_model(
         .collect();
     // The dense path for error feedback: the original blocks (weights are shared, not copied) and their states.
     let feedback = plan.error_feedback;
-    let dense_blocks = if feedback { model.blocks.clone() } else { Vec::new() };
+    let mut dense_blocks = if feedback { model.blocks.clone() } else { Vec::new() };
     let mut xs_dense = if feedback { xs.clone() } else { Vec::new() };
     let mut layers = Vec::new();
     let mut quantized = BTreeMap::new();
     for l in 0..model.config.num_layers {
-        for (stage, site, kinds) in STAGES {
+        let restored = match checkpoint.as_deref_mut() {
+            Some(cp) => cp.restore(l)?,
+            None => None,
+        };
+        let mut finished = FinishedLayer { layer: l, results: Vec::new(), weights: Vec::new() };
+        let was_restored = restored.is_some();
+        if let Some(done) = restored {
+            for (k, w) in &done.weights {
+                let lin = &mut model.blocks[l].linears[*k];
+                let (rows, cols) = (lin.weight.rows(), lin.weight.cols());
+                lin.weight = Weight::Dense(DenseWeight::from_f32(rows, cols, w.values()));
+            }
+            for r in done.results {
+                layers.push(r.clone());
+                on_event(CompressEvent::Layer(r));
+            }
+        }
+        let stages = if was_restored { &[][..] } else { &STAGES[..] };
+        for &(stage, site, kinds) in stages {
             if cancelled() {
                 return Err(WhittleError::Cancelled);
             }
@@ -123,6 +193,7 @@ pub fn compress_model(
                         rows,
                         cols,
                     });
+                    finished.results.push(layers.last().cloned().expect("pushed"));
                     on_event(CompressEvent::Layer(layers.last().cloned().expect("pushed")));
                     continue;
                 };
@@ -154,18 +225,38 @@ pub fn compress_model(
                     rows,
                     cols,
                 };
-                model.blocks[l].linears[k].weight = Weight::Dense(DenseWeight::from_f32(rows, cols, c.weight.data));
-                if let Some(q) = c.quant {
-                    quantized.insert(name.clone(), q);
+                let stored = match c.quant {
+                    Some(q) => CompressedWeight::Quantized(q),
+                    None => CompressedWeight::Dense(c.weight.data),
+                };
+                // The next layers see exactly the values a checkpoint restores.
+                model.blocks[l].linears[k].weight = Weight::Dense(DenseWeight::from_f32(rows, cols, stored.values()));
+                match (&checkpoint, stored) {
+                    (None, CompressedWeight::Quantized(q)) => {
+                        quantized.insert(name.clone(), q);
+                    }
+                    (None, CompressedWeight::Dense(_)) => {}
+                    (Some(_), w) => finished.weights.push((k, w)),
                 }
+                finished.results.push(result.clone());
                 layers.push(result.clone());
                 on_event(CompressEvent::Layer(result));
             }
+        }
+        if let (Some(cp), false) = (checkpoint.as_deref_mut(), was_restored) {
+            cp.save(&finished)?;
         }
         // The next block is calibrated on this block's outputs with its compressed weights.
         run_block(model, l, &mut xs, true, None, &mut |_, _| Ok(()))?;
         if feedback {
             run_block_with(model, &dense_blocks[l], l, &mut xs_dense, true, None, &mut |_, _, _| Ok(()))?;
+        }
+        if let Some(cp) = checkpoint.as_deref_mut() {
+            // Streaming: this layer's weights (compressed, and the dense originals of error feedback) are done with.
+            for lin in model.blocks[l].linears.iter_mut().chain(dense_blocks.get_mut(l).into_iter().flat_map(|b| b.linears.iter_mut())) {
+                lin.weight = Weight::Dense(DenseWeight::from_f32(0, 0, Vec::new()));
+            }
+            cp.release(l);
         }
     }
     Ok(CompressOutput { layers, quantized, avg_bits: plan.avg_bits, seconds: start.elapsed().as_secs_f64() })

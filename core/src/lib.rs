@@ -2,6 +2,8 @@
 //! evaluation (`eval`), synthetic models (`synth`), the compressors (`compress`).
 
 pub mod calib;
+pub mod checkpoint;
+pub mod chat;
 pub mod compress;
 pub mod compress_model;
 pub mod error;

@@ -1,8 +1,11 @@
 //! `whittle compress`: calibrate and compress a model under a plan, print the per-layer table (or JSON).
 
-use super::plan_args::{resolve, run_compression, CalibArgs, PlanArgs};
-use anyhow::Result;
+use super::export::partial_dir;
+use super::plan_args::{resolve, run_compression_with, CalibArgs, PlanArgs, Resumable};
+use anyhow::{Context, Result};
 use clap::Args;
+use std::path::PathBuf;
+use whittle_core::export::{check_plan, check_target, export_model, ExportOptions, ModelFormat};
 
 #[derive(Args, Debug)]
 pub struct CompressArgs {
@@ -12,6 +15,19 @@ pub struct CompressArgs {
     pub plan: PlanArgs,
     #[command(flatten)]
     pub calib: CalibArgs,
+    /// Write the compressed model to this folder. Finished layers stream into OUT.partial as they complete, so
+    /// memory holds one decoder layer at a time and a killed run resumes where it stopped.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Format of --out: gptq, compressed-tensors, f16 or bf16.
+    #[arg(long, default_value = "gptq", requires = "out")]
+    pub format: ModelFormat,
+    /// Replace --out if it exists (the old folder stays until the new one is complete).
+    #[arg(long, requires = "out")]
+    pub force: bool,
+    /// Discard the finished layers an interrupted run left in OUT.partial instead of resuming from them.
+    #[arg(long, requires = "out")]
+    pub restart: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -28,13 +44,32 @@ pub fn run(a: CompressArgs) -> Result<()> {
             resolved.size_bytes as f64 / 1e6
         );
     }
-    let out = run_compression(&mut m, &resolved, &a.calib, a.json)?;
+    let export = a.out.as_ref().map(|out| ExportOptions { force: a.force, ..ExportOptions::new(a.format, out) });
+    if let Some(opts) = &export {
+        // Refuse before any work: an existing target, or layers the format cannot hold.
+        check_target(opts, &m.dir)?;
+        check_plan(&m, &resolved, a.format).context("the plan cannot be exported in this format")?;
+    }
+    let partial = a.out.as_deref().map(partial_dir);
+    let resumable = partial.as_deref().map(|dir| Resumable { dir, restart: a.restart });
+    let out = run_compression_with(&mut m, &resolved, &a.calib, a.json, resumable)?;
+    let written = match &export {
+        Some(opts) => {
+            let report = export_model(&m, &out.quantized, opts, &mut |_, _| {})
+                .with_context(|| format!("export to {} failed; nothing was written there", opts.out.display()))?;
+            let _ = std::fs::remove_dir_all(partial.as_deref().expect("set with --out"));
+            Some(report)
+        }
+        None => None,
+    };
     if a.json {
         let v = serde_json::json!({
             "layers": out.layers,
             "avg_bits": out.avg_bits,
             "size_bytes": resolved.size_bytes,
             "seconds": out.seconds,
+            "out": written.as_ref().map(|r| &r.out),
+            "bytes": written.as_ref().map(|r| r.bytes),
         });
         println!("{v}");
     } else {
@@ -53,6 +88,9 @@ pub fn run(a: CompressArgs) -> Result<()> {
             );
         }
         println!("avg bits/weight {:.3}, {:.2} s", out.avg_bits, out.seconds);
+        if let Some(r) = &written {
+            println!("wrote {} ({}, {:.3} MB)", r.out.display(), r.format, r.bytes as f64 / 1e6);
+        }
     }
     Ok(())
 }

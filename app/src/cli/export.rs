@@ -3,7 +3,7 @@
 //! The target is checked before compressing, and every layer before writing, so a refused export costs nothing
 //! and leaves nothing behind.
 
-use super::plan_args::{resolve, run_compression, CalibArgs, PlanArgs};
+use super::plan_args::{resolve, run_compression_with, CalibArgs, PlanArgs, Resumable};
 use super::progress;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -45,9 +45,20 @@ pub struct ExportArgs {
     /// Use only the first N tokens of --eval-data.
     #[arg(long)]
     pub eval_max_tokens: Option<usize>,
+    /// Discard the finished layers an interrupted run left in OUT.partial instead of resuming from them.
+    #[arg(long)]
+    pub restart: bool,
     /// Print a JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where a compression for `out` keeps its finished layers until the export is written: next to the target, so a
+/// killed job resumes from it and the target itself only ever appears complete.
+pub fn partial_dir(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    out.with_file_name(name)
 }
 
 /// Measured quality for the model card.
@@ -95,7 +106,9 @@ pub fn run(a: ExportArgs) -> Result<()> {
         card.plan_toml = Some(plan.to_toml());
         card.calibration = Some(calibration_text(&a.calib));
         let original = a.eval_data.is_some().then(|| m.model.clone());
-        let out = run_compression(&mut m, &resolved, &a.calib, a.json)?;
+        let partial = partial_dir(&a.out);
+        let resumable = Resumable { dir: &partial, restart: a.restart };
+        let out = run_compression_with(&mut m, &resolved, &a.calib, a.json, Some(resumable))?;
         if let Some(data) = &a.eval_data {
             let measured = measure(&m.model, original.as_ref(), &a, data, &m)?;
             card.ppl = Some(measured.ppl);
@@ -130,6 +143,10 @@ pub fn run(a: ExportArgs) -> Result<()> {
     })
     .with_context(|| format!("export to {} failed; nothing was written there", a.out.display()))?;
     bar.finish_and_clear();
+    if a.plan.given() {
+        // The export is complete; the finished layers it was assembled from are not needed any more.
+        let _ = std::fs::remove_dir_all(partial_dir(&a.out));
+    }
     let seconds = start.elapsed().as_secs_f64();
 
     if a.json {

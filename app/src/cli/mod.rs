@@ -2,13 +2,14 @@
 //! progress goes to stderr through indicatif so stdout stays machine-readable.
 
 mod bench;
+mod chat;
 mod compress;
 mod eval;
 mod export;
 mod generate;
 pub mod plan_args;
 pub mod progress;
-mod search;
+pub(crate) mod search;
 mod synth;
 
 use anyhow::Result;
@@ -28,6 +29,8 @@ pub struct Cli {
 pub enum Command {
     /// Perplexity (and KL / top-1 against a reference) on a text file.
     Eval(eval::EvalArgs),
+    /// Chat with a model (compressed and packed with --plan), replies streamed as they are generated.
+    Chat(chat::ChatArgs),
     /// Generate text from a prompt.
     Generate(generate::GenerateArgs),
     /// Calibrate and compress a model under a plan; print per-layer errors.
@@ -46,6 +49,7 @@ pub fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Compress(a) => compress::run(a),
         Command::Export(a) => export::run(a),

@@ -6,10 +6,11 @@ use clap::Args;
 use std::path::PathBuf;
 use whittle_core::calib::{calibration_windows, CalibSettings};
 use whittle_core::compress::Method;
-use whittle_core::compress_model::{compress_model, CompressEvent, CompressOutput};
+use whittle_core::checkpoint::{job_key, CheckpointDir};
+use whittle_core::compress_model::{compress_model, compress_model_with, CompressEvent, CompressOutput};
 use whittle_core::eval::read_text;
 use whittle_core::model::source::DEFAULT_CALIBRATION_TEXT;
-use whittle_core::model::LoadedModel;
+use whittle_core::model::{load_model, LoadedModel};
 use whittle_core::plan::{Plan, ResolvedPlan, Rule};
 
 #[derive(Args, Debug, Clone, Default)]
@@ -117,6 +118,25 @@ pub fn resolve(plan: &Plan, m: &LoadedModel) -> Result<ResolvedPlan> {
 
 /// Calibrates and compresses `m` in place, with a progress bar on stderr.
 pub fn run_compression(m: &mut LoadedModel, plan: &ResolvedPlan, calib: &CalibArgs, quiet: bool) -> Result<CompressOutput> {
+    run_compression_with(m, plan, calib, quiet, None)
+}
+
+/// Where a resumable compression keeps its finished layers, and whether to discard what an earlier run left there.
+pub struct Resumable<'a> {
+    pub dir: &'a std::path::Path,
+    pub restart: bool,
+}
+
+/// [`run_compression`], optionally streaming finished layers into a checkpoint folder: memory then holds one decoder
+/// layer at a time, a restarted run skips the layers already there, and afterwards `m` is a fresh load of the
+/// original with the compressed linears put in (quantized ones packed), while `quantized` holds their integer forms.
+pub fn run_compression_with(
+    m: &mut LoadedModel,
+    plan: &ResolvedPlan,
+    calib: &CalibArgs,
+    quiet: bool,
+    resumable: Option<Resumable<'_>>,
+) -> Result<CompressOutput> {
     // An imported quantized checkpoint runs packed weights; compression starts from their float values.
     m.dequantize_linears();
     let (text, origin) = match &calib.calib {
@@ -132,20 +152,37 @@ pub fn run_compression(m: &mut LoadedModel, plan: &ResolvedPlan, calib: &CalibAr
     if quiet {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let out = compress_model(
-        &mut m.model,
-        plan,
-        &windows,
-        &mut |e| match e {
-            CompressEvent::Stage { layer, stage, done, .. } => {
-                bar.set_position(done as u64);
-                bar.set_message(format!("layer {layer} {stage}"));
-            }
-            CompressEvent::Layer(_) => bar.inc(1),
-        },
-        &|| false,
-    )
-    .context("compression failed")?;
+    let mut on_event = |e| match e {
+        CompressEvent::Stage { layer, stage, done, .. } => {
+            bar.set_position(done as u64);
+            bar.set_message(format!("layer {layer} {stage}"));
+        }
+        CompressEvent::Layer(_) => bar.inc(1),
+    };
+    let Some(r) = resumable else {
+        let out = compress_model(&mut m.model, plan, &windows, &mut on_event, &|| false).context("compression failed")?;
+        bar.finish_and_clear();
+        return Ok(out);
+    };
+    if r.restart && r.dir.exists() {
+        std::fs::remove_dir_all(r.dir).with_context(|| format!("cannot remove {}", r.dir.display()))?;
+    }
+    let key = job_key(&m.dir, plan, &windows)?;
+    let store = m.store.clone();
+    let release = Box::new(move |l: usize| store.release(&format!("model.layers.{l}.")));
+    let mut checkpoint = CheckpointDir::open(r.dir, &key, Some(release))?;
+    let layers = m.model.config.num_layers;
+    let done = checkpoint.finished_layers(layers);
+    if done > 0 && !quiet {
+        eprintln!("resuming: layers 0..{done} of {layers} already compressed in {}", r.dir.display());
+    }
+    let mut out = compress_model_with(&mut m.model, plan, &windows, &mut on_event, &|| false, Some(&mut checkpoint))
+        .context("compression failed")?;
     bar.finish_and_clear();
+    // The streamed model gave its layers up one by one; rebuild it from the original and the checkpoint.
+    let assembled = checkpoint.assemble(layers)?;
+    *m = load_model(&m.dir)?;
+    assembled.apply_to(&mut m.model);
+    out.quantized = assembled.quantized;
     Ok(out)
 }

@@ -3,13 +3,20 @@
 //!
 //! Layout of the code follows the window: [`app`] lays out the panes and owns [`state::AppState`]; each pane is a
 //! file under [`panes`]; everything slow runs as a [`jobs::Job`] whose work lives in [`work`], so the UI thread
-//! only draws. [`plan_edit`] is the editable plan behind the layer table, [`spec`] its one-line setting syntax.
+//! only draws. The Search, Chat and Export panes keep their state and work in [`search`], [`chat`] and
+//! [`export`], each with its own job, so they run beside the main one. [`plan_edit`] is the editable plan behind
+//! the layer table, [`spec`] its one-line setting syntax.
 
 pub mod app;
+pub mod chat;
+mod events;
+pub mod export;
 pub mod format;
 pub mod jobs;
 pub mod panes;
 pub mod plan_edit;
+pub mod search;
+pub mod settings;
 pub mod shortcuts;
 pub mod spec;
 pub mod state;
@@ -30,5 +37,8 @@ pub fn run() -> anyhow::Result<()> {
         ..Default::default()
     };
     eframe::run_native("Whittle", options, Box::new(|cc| Ok(Box::new(WhittleApp::new(cc)))))
-        .map_err(|e| anyhow::anyhow!("cannot open the window: {e}. The subcommands work without a display: whittle --help"))
+        .map_err(|e| {
+            let why = e.to_string();
+            anyhow::anyhow!("cannot open the window: {}. The subcommands work without a display: whittle --help", why.trim_end_matches('.'))
+        })
 }

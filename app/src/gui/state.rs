@@ -1,80 +1,28 @@
 //! Everything the window knows, in one place the panes borrow: the persisted settings, the loaded model, the plan
 //! being edited, the variants compressed so far, the running job and the messages to show. Panes draw and call the
-//! actions here (`open`, `compress`, `evaluate`, `cancel`); job events are applied here at the start of each frame.
+//! actions here (`open`, `compress`, `evaluate`, `cancel`); job events are applied at the start of each frame
+//! (`events.rs`).
 //! Keeping the actions off the panes is what lets keyboard shortcuts, menus and tests trigger exactly what the
 //! buttons do.
 
-use super::jobs::{Ended, Job};
+use super::chat::ChatState;
+use super::export::ExportState;
+use super::jobs::Job;
+use super::search::SearchState;
 use super::plan_edit::{default_presets_dir, PlanEditor};
-use super::work::{self, CompressInput, Compressed, EvalInput, EvalKey, Event, JobError, Pick};
+use super::work::{self, CompressInput, EvalInput, EvalKey, Event, Pick};
 use eframe::egui;
-use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use whittle_core::calib::CalibSettings;
+use whittle_core::compress::types::QuantizedLinear;
 use whittle_core::compress_model::LayerResult;
 use whittle_core::eval::EvalReport;
-use whittle_core::model::source::HubProgress;
 use whittle_core::model::LoadedModel;
 use whittle_core::plan::Plan;
 
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Theme {
-    Dark,
-    Light,
-}
-
-/// Evaluation settings of the Compare pane.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct EvalSettings {
-    /// `None`: the held-out tail of the built-in TinyStories text.
-    pub text: Option<PathBuf>,
-    pub ctx: usize,
-    pub max_tokens: usize,
-}
-
-impl Default for EvalSettings {
-    fn default() -> Self {
-        EvalSettings { text: None, ctx: 256, max_tokens: 16384 }
-    }
-}
-
-/// What survives a restart (eframe storage).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Settings {
-    /// Model specs (`default`, a folder, a Hub id), most recent first.
-    pub recent: Vec<String>,
-    pub theme: Theme,
-    /// File name of the last preset loaded or saved, applied to the next model opened.
-    pub last_preset: Option<String>,
-    pub calib: CalibSettings,
-    /// `None`: the built-in TinyStories text.
-    pub calib_text: Option<PathBuf>,
-    pub eval: EvalSettings,
-    pub log_scale: bool,
-    /// Title of the centre tab shown last.
-    pub tab: String,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            recent: Vec::new(),
-            theme: Theme::Dark,
-            last_preset: Some("w4g128.toml".into()),
-            calib: CalibSettings::default(),
-            calib_text: None,
-            eval: EvalSettings::default(),
-            log_scale: false,
-            tab: String::new(),
-        }
-    }
-}
-
-const MAX_RECENT: usize = 8;
+pub use super::settings::{EvalSettings, Settings, Theme};
 
 /// One row of the Compare table: the original model or a compressed copy of it.
 pub struct Variant {
@@ -86,6 +34,8 @@ pub struct Variant {
     pub size_bytes: u64,
     pub avg_bits: f64,
     pub layers: Vec<LayerResult>,
+    /// The integer form of its quantized linears (empty for a float original), for export and the packed chat.
+    pub quantized: Arc<BTreeMap<String, QuantizedLinear>>,
     pub seconds: f64,
     pub eval: Option<(EvalKey, Result<EvalReport, String>)>,
 }
@@ -218,7 +168,11 @@ pub struct AppState {
     pub presets_dir: PathBuf,
     /// Evaluate new variants as soon as they are compressed.
     pub auto_evaluate: bool,
-    evaluate_next: bool,
+    pub(super) evaluate_next: bool,
+    /// The Search, Chat and Export panes' work, each with its own job beside `job`.
+    pub search: SearchState,
+    pub chat: ChatState,
+    pub export: ExportState,
     next_id: u64,
 }
 
@@ -242,6 +196,9 @@ impl AppState {
             presets_dir: default_presets_dir(),
             auto_evaluate: true,
             evaluate_next: false,
+            search: SearchState::default(),
+            chat: ChatState::default(),
+            export: ExportState::default(),
             next_id: 0,
         }
     }
@@ -357,6 +314,7 @@ impl AppState {
         }
         let start = match pick {
             Pick::PlanFile => Some(self.presets_dir.clone()),
+            Pick::ExportFolder => Some(PathBuf::from(self.export.out.trim())).filter(|p| p.is_dir()).or_else(|| std::env::current_dir().ok()),
             _ => std::env::current_dir().ok(),
         };
         self.dialog = Some(Job::spawn("file dialog", ctx, move |s| work::pick(pick, start, s)));
@@ -389,187 +347,6 @@ impl AppState {
         }
     }
 
-    /// Drains job events; called once at the start of every frame.
-    pub fn poll_jobs(&mut self, ctx: &egui::Context) {
-        if let Some(dialog) = &mut self.dialog {
-            let (events, ended) = dialog.poll();
-            if ended.is_some() {
-                self.dialog = None;
-            }
-            for e in events {
-                self.apply(e, ctx);
-            }
-        }
-        let Some((kind, job)) = &mut self.job else { return };
-        let kind = *kind;
-        let (events, ended) = job.poll();
-        for e in events {
-            self.apply(e, ctx);
-        }
-        if let Some(ended) = ended {
-            let label = self.job.take().map(|(_, j)| j.label).unwrap_or_default();
-            if let Ended::Panicked(why) = ended {
-                self.error(format!("{label} failed with an internal error: {why}"));
-                self.status = format!("{label}: internal error");
-            }
-            // A compression hands over to its evaluation, so the table fills in without another click.
-            if kind == JobKind::Compress && std::mem::take(&mut self.evaluate_next) && self.auto_evaluate {
-                self.evaluate(ctx);
-            }
-        } else {
-            // Keep the elapsed time and ETA ticking between events.
-            ctx.request_repaint_after(Duration::from_millis(250));
-        }
-    }
-
-    fn apply(&mut self, event: Event, ctx: &egui::Context) {
-        match event {
-            Event::Download(HubProgress::File { name, index, count, .. }) => {
-                self.progress.text = format!("Downloading {name} ({}/{count})", index + 1);
-            }
-            Event::Download(HubProgress::Bytes { done, total }) => {
-                self.progress.fraction = if total > 0 { done as f32 / total as f32 } else { 0.0 };
-            }
-            Event::Loaded { spec, result } => match result {
-                Ok(model) => self.loaded(spec, model),
-                Err(JobError::Cancelled) => self.status = format!("Opening {spec} cancelled"),
-                Err(JobError::Failed(e)) => {
-                    self.error(format!("Cannot open {spec}: {e}"));
-                    self.status = format!("Opening {spec} failed");
-                }
-            },
-            Event::Stage { layer, stage, done, total } => {
-                self.progress.done = done;
-                self.progress.total = total;
-                self.progress.fraction = done as f32 / total.max(1) as f32;
-                self.progress.text = format!("layer {} of {total} · block {layer} {stage}", (done + 1).min(total));
-            }
-            Event::Layer(l) => {
-                self.progress.done += 1;
-                self.progress.first_done.get_or_insert_with(Instant::now);
-                self.progress.fraction = self.progress.done as f32 / self.progress.total.max(1) as f32;
-                if let Some(run) = &mut self.run {
-                    run.layers.push(l);
-                }
-            }
-            Event::Compressed(result) => match result {
-                Ok(c) => {
-                    self.compressed(c);
-                    self.evaluate_next = true;
-                }
-                Err(JobError::Cancelled) => {
-                    self.status = "Compression cancelled; the original model is unchanged".into();
-                    if let Some(run) = &mut self.run {
-                        run.name = format!("{} (cancelled)", run.name);
-                    }
-                }
-                Err(JobError::Failed(e)) => {
-                    self.error(format!("Compression failed: {e}"));
-                    self.status = "Compression failed".into();
-                }
-            },
-            Event::EvalProgress { variant, done, total } => {
-                self.progress.done = done;
-                self.progress.total = total;
-                self.progress.first_done.get_or_insert_with(Instant::now);
-                self.progress.fraction = done as f32 / total.max(1) as f32;
-                self.progress.text = format!("evaluating {variant}: window {done} of {total}");
-            }
-            Event::Evaluated { id, key, result } => {
-                if matches!(result, Err(JobError::Cancelled)) {
-                    return;
-                }
-                let result = result.map_err(|e| match e {
-                    JobError::Failed(e) => e,
-                    JobError::Cancelled => "cancelled".into(),
-                });
-                if let Some(v) = self.variants.iter_mut().find(|v| v.id == id) {
-                    v.eval = Some((key, result));
-                }
-                self.progress.first_done = None;
-            }
-            Event::EvalDone(result) => match result {
-                Ok(()) if self.status.starts_with("Compressed") => self.status.push_str(", then evaluated"),
-                Ok(()) => self.status = "Evaluation finished".into(),
-                Err(JobError::Cancelled) => self.status = "Evaluation cancelled".into(),
-                Err(JobError::Failed(e)) => {
-                    self.error(format!("Evaluation failed: {e}"));
-                    self.status = "Evaluation failed".into();
-                }
-            },
-            Event::Picked { path: None, .. } => {}
-            Event::Picked { pick, path: Some(path) } => match pick {
-                Pick::ModelFolder => self.open(&path.display().to_string(), ctx),
-                Pick::PlanFile => self.load_plan(&path),
-                Pick::EvalText => self.settings.eval.text = Some(path),
-                Pick::CalibText => self.settings.calib_text = Some(path),
-            },
-        }
-    }
-
-    fn loaded(&mut self, spec: String, model: Arc<LoadedModel>) {
-        let mut editor = PlanEditor::for_model(&model);
-        if let Some(preset) = &self.settings.last_preset {
-            let path = self.presets_dir.join(preset);
-            if let Ok(plan) = Plan::from_file(&path) {
-                // A preset that does not fit this model leaves the table dense; the user picks another.
-                let _ = editor.apply_plan(&plan, &model);
-            }
-        }
-        let dense_bits = crate::cli::plan_args::dense_bits(&model);
-        let id = self.next_id();
-        self.variants = vec![Variant {
-            id,
-            name: "original".into(),
-            plan: None,
-            size_bytes: (model.model.config.parameter_count() as f64 * dense_bits / 8.0) as u64,
-            avg_bits: dense_bits,
-            model: model.clone(),
-            layers: Vec::new(),
-            seconds: 0.0,
-            eval: None,
-        }];
-        self.pair = (Some(id), None);
-        self.run = None;
-        self.plan = Some(editor);
-        self.status = match spec.as_str() {
-            "default" => "Opened stories260k (embedded default)".to_string(),
-            s => format!("Opened {s}"),
-        };
-        self.model = Some(model);
-        self.settings.recent.retain(|r| *r != spec);
-        self.settings.recent.insert(0, spec.clone());
-        self.settings.recent.truncate(MAX_RECENT);
-        self.model_spec = Some(spec);
-    }
-
-    fn compressed(&mut self, c: Compressed) {
-        let base = c.plan.name.clone().unwrap_or_else(|| "custom".into());
-        let n = self.variants.iter().filter(|v| v.name == base || v.name.starts_with(&format!("{base} #"))).count();
-        let name = if n == 0 { base } else { format!("{base} #{}", n + 1) };
-        self.status = format!("Compressed {name}: {} layers in {:.1} s", c.layers.len(), c.seconds);
-        let id = self.next_id();
-        if let Some(run) = &mut self.run {
-            run.name = name.clone();
-        }
-        self.variants.push(Variant {
-            id,
-            name,
-            plan: Some(c.plan),
-            model: c.model,
-            size_bytes: c.size_bytes,
-            avg_bits: c.avg_bits,
-            layers: c.layers,
-            seconds: c.seconds,
-            eval: None,
-        });
-        // Newest run against the previous pick: the comparison one usually wants next.
-        self.pair = match self.pair {
-            (Some(a), Some(b)) if a != b => (Some(b), Some(id)),
-            (a, _) => (a, Some(id)),
-        };
-    }
-
     pub fn remove_variant(&mut self, id: u64) {
         self.variants.retain(|v| v.id != id || v.is_original());
         for slot in [&mut self.pair.0, &mut self.pair.1] {
@@ -579,7 +356,7 @@ impl AppState {
         }
     }
 
-    fn next_id(&mut self) -> u64 {
+    pub(super) fn next_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
     }

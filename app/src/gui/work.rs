@@ -4,9 +4,11 @@
 //! sees finished values.
 
 use super::jobs::Sink;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use whittle_core::calib::{calibration_windows, CalibSettings};
+use whittle_core::compress::types::QuantizedLinear;
 use whittle_core::compress_model::{compress_model, CompressEvent, LayerResult};
 use whittle_core::eval::{check_ctx, evaluate, read_text, windows, EvalReport};
 use whittle_core::model::source::{resolve, HubProgress, ModelSource, DEFAULT_CALIBRATION_TEXT};
@@ -37,6 +39,7 @@ pub enum Pick {
     PlanFile,
     EvalText,
     CalibText,
+    ExportFolder,
 }
 
 /// A compressed model, ready to become a variant.
@@ -44,6 +47,8 @@ pub struct Compressed {
     pub plan: Plan,
     pub model: Arc<LoadedModel>,
     pub layers: Vec<LayerResult>,
+    /// The integer form of every quantized linear, which export and the packed chat runtime need.
+    pub quantized: Arc<BTreeMap<String, QuantizedLinear>>,
     pub avg_bits: f64,
     pub size_bytes: u64,
     pub seconds: f64,
@@ -129,6 +134,7 @@ pub fn compress(input: CompressInput, sink: &Sink<Event>) {
             plan: input.plan,
             model: Arc::new(model),
             layers: out.layers,
+            quantized: Arc::new(out.quantized),
             avg_bits: out.avg_bits,
             size_bytes: input.resolved.size_bytes,
             seconds: out.seconds,
@@ -187,6 +193,7 @@ pub fn pick(pick: Pick, start: Option<PathBuf>, sink: &Sink<Event>) {
         Pick::PlanFile => dialog.set_title("Open a plan").add_filter("plan", &["toml", "json"]).pick_file(),
         Pick::EvalText => dialog.set_title("Evaluation text").add_filter("text", &["txt"]).pick_file(),
         Pick::CalibText => dialog.set_title("Calibration text").add_filter("text", &["txt"]).pick_file(),
+        Pick::ExportFolder => dialog.set_title("Export into this folder").pick_folder(),
     };
     sink.send(Event::Picked { pick, path });
 }

@@ -184,6 +184,22 @@ impl WeightStore {
         Ok((e.dtype, e.shape.clone(), self.bytes(name).expect("entry exists")))
     }
 
+    /// Drops the resident pages of every tensor whose name starts with `prefix` from this process (they are read
+    /// again from the file if touched). Streaming compression calls it for each finished decoder layer, so memory
+    /// holds one layer of weights, not every layer read so far. Errors are ignored: releasing is an optimisation.
+    pub fn release(&self, prefix: &str) {
+        for e in self.tensors.range(prefix.to_string()..).take_while(|(n, _)| n.starts_with(prefix)).map(|(_, e)| e) {
+            #[cfg(unix)]
+            // SAFETY: the map is a read-only shared file mapping; MADV_DONTNEED on it only discards page-table entries,
+            // and later reads fault the same bytes back in from the file, so no reference observes a change.
+            unsafe {
+                let _ = self.files[e.file].1.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, e.start, e.end - e.start);
+            }
+            #[cfg(not(unix))]
+            let _ = e;
+        }
+    }
+
     /// Tensor names grouped by file (used by exports that copy untouched tensors).
     pub fn by_file(&self) -> HashMap<usize, Vec<String>> {
         let mut m: HashMap<usize, Vec<String>> = HashMap::new();

@@ -107,7 +107,7 @@ fn settings_bar(ui: &mut egui::Ui, state: &mut AppState) {
 fn plan_text(v: &Variant) -> String {
     match &v.plan {
         None => "dense".into(),
-        Some(p) => p.rules.iter().map(|r| crate::gui::spec::describe(r)).collect::<Vec<_>>().join(", "),
+        Some(p) => p.rules.iter().map(crate::gui::spec::describe).collect::<Vec<_>>().join(", "),
     }
 }
 
@@ -156,7 +156,7 @@ fn side_by_side(ui: &mut egui::Ui, state: &AppState, key: &EvalKey) {
             .iter()
             .filter_map(|l| {
                 let i = names.iter().position(|n| *n == l.name)?;
-                Some(Bar::new(i as f64 + offset, l.rel_error).width(0.4).name(format!("{}: {}\nrel. error {}", v.name, l.name, format::error(l.rel_error))))
+                Some(Bar::new(i as f64 + offset, l.rel_error).width(0.4).fill(color.gamma_multiply(0.75)).name(format!("{}: {}\nrel. error {}", v.name, l.name, format::error(l.rel_error))))
             })
             .collect();
         BarChart::new(label, bars).color(color).element_formatter(Box::new(|b: &Bar, _: &BarChart| b.name.clone()))

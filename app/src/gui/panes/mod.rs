@@ -1,11 +1,15 @@
 //! The panes of the window, one file each. The left side (model, plan) and the bottom (status) are always
-//! visible; the centre is a row of tabs, each a [`Tab`]. Search, chat and export arrive as more tabs: a new tab is
-//! a file here plus one line in [`center_tabs`].
+//! visible; the centre is a row of tabs, each a [`Tab`]. A new tab is a file here plus one line in
+//! [`center_tabs`]; a tab with work of its own keeps it in a state struct on `AppState` (tests drive that, since
+//! they cannot reach into a `Box<dyn Tab>`).
 
+pub mod chat;
 pub mod compare;
+pub mod export;
 pub mod model;
 pub mod plan;
 pub mod plots;
+pub mod search;
 pub mod status;
 
 use super::state::AppState;
@@ -19,7 +23,13 @@ pub trait Tab {
 
 /// The centre tabs, in the order of the tab bar and of Ctrl+1…9.
 pub fn center_tabs() -> Vec<Box<dyn Tab>> {
-    vec![Box::new(plots::PlotsPane::default()), Box::new(compare::ComparePane::default())]
+    vec![
+        Box::new(plots::PlotsPane::default()),
+        Box::new(compare::ComparePane),
+        Box::new(search::SearchPane),
+        Box::new(chat::ChatPane),
+        Box::new(export::ExportPane),
+    ]
 }
 
 /// One colour per linear kind, the same in every plot and in the table's legend.

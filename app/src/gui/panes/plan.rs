@@ -185,7 +185,7 @@ impl PlanPane {
                 .labelled_by(label.id);
             let entered = field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
             let apply = ui.add_enabled(n > 0, egui::Button::new(format!("Apply to {n} selected")));
-            if (apply.clicked() || (entered && n > 0)) && n > 0 {
+            if n > 0 && (apply.clicked() || entered) {
                 match spec::parse(&self.spec) {
                     Ok(rule) => {
                         editor.set_selected(&rule, model);
@@ -245,7 +245,8 @@ impl PlanPane {
                 });
         }
         if let Some((index, on)) = range_select {
-            let from = self.anchor.unwrap_or(index);
+            // The anchor may come from another model's table.
+            let from = self.anchor.filter(|&a| a < editor.rows.len()).unwrap_or(index);
             let (a, b) = (from.min(index), from.max(index));
             editor.rows[a..=b].iter_mut().for_each(|r| r.selected = on);
             self.anchor = Some(index);

@@ -101,24 +101,24 @@ fn allocations(ui: &mut egui::Ui, resolved: Option<&ResolvedPlan>, sparse: bool,
 }
 
 /// The x axis of the per-block plots: labelled at every block even when a plot is narrow.
-fn block_axis() -> Vec<egui_plot::AxisHints<'static>> {
+pub(crate) fn block_axis() -> Vec<egui_plot::AxisHints<'static>> {
     vec![egui_plot::AxisHints::new_x().label("decoder block").label_spacing(14.0..=20.0)]
 }
 
 /// One x tick per decoder block.
-fn block_ticks() -> impl Fn(egui_plot::GridInput) -> Vec<egui_plot::GridMark> {
+pub(crate) fn block_ticks() -> impl Fn(egui_plot::GridInput) -> Vec<egui_plot::GridMark> {
     egui_plot::uniform_grid_spacer(|_| [1.0, 5.0, 10.0])
 }
 
 /// Where a module's bar goes: its block, offset by its kind so a block's modules sit side by side.
-fn position(l_block: Option<usize>, kind: &str, index: usize) -> f64 {
+pub(crate) fn position(l_block: Option<usize>, kind: &str, index: usize) -> f64 {
     match l_block {
         Some(b) => b as f64 + (kind_index(kind) as f64 - 3.0) * 0.12,
         None => index as f64,
     }
 }
 
-fn block_of(name: &str) -> Option<usize> {
+pub(crate) fn block_of(name: &str) -> Option<usize> {
     name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
 }
 

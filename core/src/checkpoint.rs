@@ -1,0 +1,328 @@
+//! A folder of finished decoder layers for streaming, resumable compression (`whittle compress --out`).
+//!
+//! Layout: `checkpoint.json` holds the job's key (model identity, plan, calibration windows); each finished layer
+//! is one `layer-NNNNN.safetensors` holding its compressed linears (`{kind}.codes|scales|zeros|g_idx|mask` for
+//! quantized ones, `{kind}.weight` for float ones) and, in the header metadata, its per-linear results. Each file is
+//! written to a temporary name and renamed, so a file that exists is complete: a job killed at any point restarts
+//! from the last layer it finished, and a folder made for another model, plan or calibration is refused rather than
+//! mixed in.
+
+use crate::compress::QuantizedLinear;
+use crate::compress_model::{Checkpoint, CompressedWeight, FinishedLayer, LayerResult};
+use crate::error::{Result, WhittleError};
+use crate::export::import::kernel_weight;
+use crate::model::{Model, LINEAR_KINDS};
+use crate::plan::ResolvedPlan;
+use whittle_kernels::{DenseWeight, Weight};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+const KEY_FILE: &str = "checkpoint.json";
+
+pub struct CheckpointDir {
+    dir: PathBuf,
+    /// Frees a finished layer's original weights (the model's memory map); `None` in tests.
+    release: Option<Box<dyn Fn(usize)>>,
+}
+
+impl CheckpointDir {
+    /// Opens `dir` for the job described by `key`, creating it if needed. A folder holding another job's layers is an
+    /// error naming the folder: its layers would not fit this job.
+    pub fn open(dir: &Path, key: &serde_json::Value, release: Option<Box<dyn Fn(usize)>>) -> Result<Self> {
+        let key_path = dir.join(KEY_FILE);
+        if key_path.exists() {
+            let text = std::fs::read_to_string(&key_path).map_err(|e| WhittleError::io(&key_path, e))?;
+            let stored: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| WhittleError::file(&key_path, format!("not valid JSON: {e}")))?;
+            if &stored != key {
+                return Err(WhittleError::file(
+                    dir,
+                    "holds layers of a compression with another model, plan or calibration; delete the folder (or \
+                     pass --restart) to start over",
+                ));
+            }
+        } else {
+            std::fs::create_dir_all(dir).map_err(|e| WhittleError::io(dir, e))?;
+            write_atomic(&key_path, serde_json::to_string_pretty(key).expect("JSON value").as_bytes())?;
+        }
+        Ok(Self { dir: dir.to_path_buf(), release })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn layer_path(&self, layer: usize) -> PathBuf {
+        self.dir.join(format!("layer-{layer:05}.safetensors"))
+    }
+
+    /// How many leading layers are finished.
+    pub fn finished_layers(&self, num_layers: usize) -> usize {
+        (0..num_layers).take_while(|l| self.layer_path(*l).exists()).count()
+    }
+
+    /// Every finished layer's results, integer forms by module name, and float weights by module name.
+    pub fn assemble(&self, num_layers: usize) -> Result<Assembled> {
+        let mut out = Assembled::default();
+        for l in 0..num_layers {
+            let layer = read_layer(&self.layer_path(l), l)?
+                .ok_or_else(|| WhittleError::file(self.layer_path(l), "missing: the compression did not finish"))?;
+            out.results.extend(layer.results);
+            for (k, w) in layer.weights {
+                let name = Model::module_name(l, LINEAR_KINDS[k]);
+                match w {
+                    CompressedWeight::Quantized(q) => {
+                        out.quantized.insert(name, q);
+                    }
+                    CompressedWeight::Dense(v) => {
+                        out.dense.insert(name, v);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What a finished checkpoint holds, ready for export.
+#[derive(Default)]
+pub struct Assembled {
+    pub results: Vec<LayerResult>,
+    pub quantized: BTreeMap<String, QuantizedLinear>,
+    pub dense: BTreeMap<String, Vec<f32>>,
+}
+
+impl Assembled {
+    /// Puts the compressed linears into `model` (a fresh load of the original): quantized ones in the packed form the
+    /// kernels run (a 7B model would not fit dequantized), float ones as f32.
+    pub fn apply_to(&self, model: &mut Model) {
+        for (l, block) in model.blocks.iter_mut().enumerate() {
+            for (k, lin) in block.linears.iter_mut().enumerate() {
+                let name = Model::module_name(l, LINEAR_KINDS[k]);
+                if let Some(q) = self.quantized.get(&name) {
+                    lin.weight = kernel_weight(q);
+                } else if let Some(v) = self.dense.get(&name) {
+                    lin.weight = Weight::Dense(DenseWeight::from_f32(lin.weight.rows(), lin.weight.cols(), v.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// The key of a compression job: which model files, which plan, which calibration tokens. A checkpoint folder is
+/// reused only for the same key.
+pub fn job_key(model_dir: &Path, plan: &ResolvedPlan, windows: &[Vec<u32>]) -> Result<serde_json::Value> {
+    let tokens: Vec<u8> = windows.iter().flat_map(|w| w.iter().flat_map(|t| t.to_le_bytes())).collect();
+    let modules: Vec<String> = plan.modules.iter().map(|m| format!("{} {:?}", m.name, m.job)).collect();
+    Ok(serde_json::json!({
+        "format": 1,
+        "whittle": env!("CARGO_PKG_VERSION"),
+        "model": crate::search::cache::model_identity(model_dir)?,
+        "plan": modules,
+        "error_feedback": plan.error_feedback,
+        "windows": windows.len(),
+        "tokens_fnv1a": format!("{:016x}", crate::search::cache::fnv1a(&tokens)),
+    }))
+}
+
+impl Checkpoint for CheckpointDir {
+    fn restore(&mut self, layer: usize) -> Result<Option<FinishedLayer>> {
+        read_layer(&self.layer_path(layer), layer)
+    }
+
+    fn save(&mut self, layer: &FinishedLayer) -> Result<()> {
+        let path = self.layer_path(layer.layer);
+        write_atomic(&path, &encode(layer))
+    }
+
+    fn release(&mut self, layer: usize) {
+        if let Some(r) = &self.release {
+            r(layer);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so `path` is complete or
+/// absent.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        WhittleError::io(path, e)
+    })
+}
+
+fn kind_name(k: usize) -> &'static str {
+    LINEAR_KINDS[k].rsplit('.').next().expect("kind has a name")
+}
+
+/// The layer as safetensors bytes (values little-endian, shapes as stored).
+fn encode(layer: &FinishedLayer) -> Vec<u8> {
+    let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut quant_meta = BTreeMap::new();
+    for (k, w) in &layer.weights {
+        let kind = kind_name(*k);
+        match w {
+            CompressedWeight::Quantized(q) => {
+                let ng = q.n_groups();
+                buffers.push((format!("{kind}.codes"), Dtype::U8, vec![q.rows, q.cols], q.codes.clone()));
+                let scales = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+                buffers.push((format!("{kind}.scales"), Dtype::F32, vec![q.rows, ng], scales));
+                buffers.push((format!("{kind}.zeros"), Dtype::U8, vec![q.rows, ng], q.zeros.clone()));
+                if let Some(g) = &q.g_idx {
+                    buffers.push((format!("{kind}.g_idx"), Dtype::U32, vec![q.cols], g.iter().flat_map(|v| v.to_le_bytes()).collect()));
+                }
+                if let Some(m) = &q.mask {
+                    buffers.push((format!("{kind}.mask"), Dtype::U8, vec![q.rows, q.cols], m.iter().map(|b| *b as u8).collect()));
+                }
+                quant_meta.insert(kind.to_string(), serde_json::json!({ "bits": q.bits, "group_size": q.group_size, "sym": q.sym }));
+            }
+            CompressedWeight::Dense(v) => {
+                let n = v.len();
+                let rows = layer.results.iter().find(|r| r.kind == LINEAR_KINDS[*k]).map_or(1, |r| r.rows);
+                buffers.push((format!("{kind}.weight"), Dtype::F32, vec![rows, n / rows.max(1)], v.iter().flat_map(|x| x.to_le_bytes()).collect()));
+            }
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = buffers
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("shape matches bytes")))
+        .collect();
+    let metadata = HashMap::from([
+        ("results".to_string(), serde_json::to_string(&layer.results).expect("results serialize")),
+        ("quant".to_string(), serde_json::Value::Object(quant_meta.into_iter().collect()).to_string()),
+    ]);
+    safetensors::serialize(views, Some(metadata)).expect("in-memory serialization")
+}
+
+/// Reads one layer file; `None` when it does not exist. A damaged file is an error naming it and the field.
+fn read_layer(path: &Path, layer: usize) -> Result<Option<FinishedLayer>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(WhittleError::io(path, e)),
+    };
+    let bad = |field: &str, why: String| WhittleError::field(path, field, why);
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| WhittleError::file(path, format!("damaged checkpoint layer: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| WhittleError::file(path, format!("damaged checkpoint layer: {e}")))?;
+    let md = meta.metadata().clone().unwrap_or_default();
+    let results: Vec<LayerResult> = serde_json::from_str(md.get("results").map_or("", String::as_str))
+        .map_err(|e| bad("__metadata__.results", e.to_string()))?;
+    let quant: serde_json::Map<String, serde_json::Value> = serde_json::from_str(md.get("quant").map_or("{}", String::as_str))
+        .map_err(|e| bad("__metadata__.quant", e.to_string()))?;
+    let tensor = |name: &str| -> Option<(Vec<usize>, &[u8])> { st.tensor(name).ok().map(|t| (t.shape().to_vec(), t.data())) };
+    let mut weights = Vec::new();
+    for k in 0..LINEAR_KINDS.len() {
+        let kind = kind_name(k);
+        if let Some(q) = quant.get(kind) {
+            let field = |f: &str| q.get(f).and_then(|v| v.as_u64()).ok_or_else(|| bad(&format!("quant.{kind}.{f}"), "missing".into()));
+            let (bits, group_size) = (field("bits")? as u8, field("group_size")? as usize);
+            let sym = q.get("sym").and_then(|v| v.as_bool()).unwrap_or(true);
+            let (shape, codes) = tensor(&format!("{kind}.codes")).ok_or_else(|| bad(&format!("{kind}.codes"), "missing".into()))?;
+            let [rows, cols] = shape[..] else { return Err(bad(&format!("{kind}.codes"), format!("shape {shape:?} is not 2-D"))) };
+            let ng = cols.div_ceil(group_size.max(1));
+            let scales = tensor(&format!("{kind}.scales"))
+                .filter(|(s, _)| s[..] == [rows, ng])
+                .ok_or_else(|| bad(&format!("{kind}.scales"), format!("missing or not {rows}×{ng}")))?
+                .1
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            let zeros = tensor(&format!("{kind}.zeros"))
+                .filter(|(s, _)| s[..] == [rows, ng])
+                .ok_or_else(|| bad(&format!("{kind}.zeros"), format!("missing or not {rows}×{ng}")))?
+                .1
+                .to_vec();
+            let g_idx = tensor(&format!("{kind}.g_idx"))
+                .map(|(_, b)| b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect());
+            let mask = tensor(&format!("{kind}.mask")).map(|(_, b)| b.iter().map(|v| *v != 0).collect());
+            let q = QuantizedLinear { rows, cols, bits, group_size, sym, codes: codes.to_vec(), scales, zeros, g_idx, mask };
+            weights.push((k, CompressedWeight::Quantized(q)));
+        } else if let Some((_, b)) = tensor(&format!("{kind}.weight")) {
+            let v = b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+            weights.push((k, CompressedWeight::Dense(v)));
+        }
+    }
+    if results.len() != LINEAR_KINDS.len() || results.iter().any(|r| r.layer != layer) {
+        return Err(bad("__metadata__.results", format!("expected the {} linears of layer {layer}", LINEAR_KINDS.len())));
+    }
+    Ok(Some(FinishedLayer { layer, results, weights }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(layer: usize, k: usize, rows: usize, cols: usize) -> LayerResult {
+        LayerResult {
+            name: crate::model::Model::module_name(layer, LINEAR_KINDS[k]),
+            layer,
+            kind: LINEAR_KINDS[k].into(),
+            method: "gptq".into(),
+            bits: Some(3),
+            group: Some(4),
+            sparsity: 0.0,
+            rel_error: 0.01,
+            bits_per_weight: 3.5,
+            damp: Some(0.01),
+            seconds: 0.1,
+            rows,
+            cols,
+        }
+    }
+
+    #[test]
+    fn a_saved_layer_restores_exactly_and_another_key_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ck");
+        let key = serde_json::json!({"model": "m", "plan": "p"});
+        let mut ck = CheckpointDir::open(&dir, &key, None).unwrap();
+        let q = QuantizedLinear {
+            rows: 3,
+            cols: 10,
+            bits: 3,
+            group_size: 4,
+            sym: false,
+            codes: (0..30).map(|i| (i % 8) as u8).collect(),
+            scales: vec![0.5, 0.25, 0.125, 1.0, 2.0, 4.0, 0.5, 0.5, 0.5],
+            zeros: vec![1, 2, 3, 4, 5, 6, 7, 0, 1],
+            g_idx: Some((0..10).map(|i| (i % 3) as u32).collect()),
+            mask: Some((0..30).map(|i| i % 3 != 0).collect()),
+        };
+        let layer = FinishedLayer {
+            layer: 2,
+            results: (0..7).map(|k| result(2, k, 3, 10)).collect(),
+            weights: vec![(0, CompressedWeight::Quantized(q.clone())), (6, CompressedWeight::Dense(vec![0.5; 30]))],
+        };
+        assert!(ck.restore(2).unwrap().is_none());
+        ck.save(&layer).unwrap();
+        let back = CheckpointDir::open(&dir, &key, None).unwrap().restore(2).unwrap().unwrap();
+        assert_eq!(back.weights, layer.weights);
+        assert_eq!(back.results.len(), 7);
+        assert_eq!(back.results[6].name, layer.results[6].name);
+        let other = CheckpointDir::open(&dir, &serde_json::json!({"model": "m", "plan": "other"}), None);
+        assert!(other.err().unwrap().to_string().contains("another model, plan or calibration"));
+    }
+
+    #[test]
+    fn a_truncated_layer_file_is_an_error_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut ck = CheckpointDir::open(tmp.path(), &serde_json::json!(1), None).unwrap();
+        let layer = FinishedLayer { layer: 0, results: (0..7).map(|k| result(0, k, 2, 2)).collect(), weights: vec![(1, CompressedWeight::Dense(vec![1.0; 4]))] };
+        ck.save(&layer).unwrap();
+        let path = tmp.path().join("layer-00000.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        let err = ck.restore(0).unwrap_err().to_string();
+        assert!(err.contains("layer-00000.safetensors"), "{err}");
+    }
+}

@@ -28,7 +28,7 @@ fn layers_with_hessians() -> Vec<(String, Matrix, Hessian)> {
         for site in Site::ALL {
             let kinds: Vec<usize> = (0..7).filter(|&k| Site::of_kind(LINEAR_KINDS[k]) == site).collect();
             let cols = m.model.blocks[l].linears[kinds[0]].weight.cols();
-            let h = collect_hessian(&m.model, l, &mut xs, site, cols).unwrap();
+            let h = collect_hessian(&m.model, l, &mut xs, None, site, cols).unwrap();
             for k in kinds {
                 let lin = &m.model.blocks[l].linears[k];
                 let w = Matrix::from_vec(lin.weight.rows(), cols, weight_f32(&lin.weight));

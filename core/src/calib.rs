@@ -46,6 +46,40 @@ pub fn calibration_windows(tok: &Tokenizer, text: &str, s: &CalibSettings, origi
 /// Windows run in parallel per chunk; bounded so a 7B layer's activations stay small.
 const CHUNK: usize = 8;
 
+/// Attention outputs of the current layer, one slot per calibration window, filled by the first pass that computes
+/// them. Attention depends only on q/k/v, which the first stage of a layer fixes, so the later stages and the update
+/// restart from it (`Model::block_forward_from_attention`) instead of recomputing the most expensive part of the
+/// block three more times. Reset for every layer and path.
+pub struct AttnCache {
+    slots: Vec<Option<Vec<f32>>>,
+}
+
+impl AttnCache {
+    /// Largest cache kept (per path): beyond it (long calibration of big models) attention is recomputed instead,
+    /// so streaming compression keeps its memory bound.
+    pub const MAX_BYTES: usize = 512 << 20;
+
+    /// A cache for `windows` windows, or `None` when `bytes` of attention outputs would exceed [`Self::MAX_BYTES`].
+    pub fn new(windows: usize, bytes: usize) -> Option<Self> {
+        (bytes <= Self::MAX_BYTES).then(|| AttnCache { slots: vec![None; windows] })
+    }
+
+    /// Forgets the outputs (a new layer starts).
+    pub fn clear(&mut self) {
+        self.slots.iter_mut().for_each(|s| *s = None);
+    }
+
+    /// The slots, one per window, as `run_block_with` takes them.
+    pub fn slots(&mut self) -> &mut [Option<Vec<f32>>] {
+        &mut self.slots
+    }
+}
+
+/// The slots of an optional cache.
+pub fn slots_of(c: &mut Option<AttnCache>) -> Option<&mut [Option<Vec<f32>>]> {
+    c.as_mut().map(AttnCache::slots)
+}
+
 /// Runs block `layer` on every window's hidden state `xs[i]` (`[ctx, hidden]`). With `update`, the states are
 /// replaced by the block's outputs; `observe` receives the input of `site` for each window.
 pub fn run_block(
@@ -56,11 +90,12 @@ pub fn run_block(
     site: Option<Site>,
     observe: &mut dyn FnMut(&[f32], usize) -> Result<()>,
 ) -> Result<()> {
-    run_block_with(model, &model.blocks[layer], layer, xs, update, site, &mut |_, input, n| observe(input, n))
+    run_block_with(model, &model.blocks[layer], layer, xs, update, site, None, &mut |_, input, n| observe(input, n))
 }
 
-/// `run_block` with an explicit block (e.g. the dense original of a block being compressed); `observe` also gets
-/// the window index.
+/// `run_block` with an explicit block (e.g. the dense original of a block being compressed) and an optional
+/// attention cache for this block and path (`xs[i]` uses slot `i`); `observe` also gets the window index.
+#[allow(clippy::too_many_arguments)]
 pub fn run_block_with(
     model: &Model,
     block: &Block,
@@ -68,16 +103,28 @@ pub fn run_block_with(
     xs: &mut [Vec<f32>],
     update: bool,
     site: Option<Site>,
+    attn: Option<&mut [Option<Vec<f32>>]>,
     observe: &mut dyn FnMut(usize, &[f32], usize) -> Result<()>,
 ) -> Result<()> {
-    for (ci, chunk) in xs.chunks_mut(CHUNK).enumerate() {
+    // Stopping at the attention input computes no attention, so there is nothing to keep.
+    let past_attention = site != Some(Site::AttnIn);
+    let qd = model.config.q_dim();
+    let caching = attn.is_some();
+    let mut no_slots: Vec<Option<Vec<f32>>> = Vec::new();
+    let slots: &mut [Option<Vec<f32>>] = match attn {
+        Some(slots) => slots,
+        None => {
+            no_slots.resize(xs.len(), None);
+            &mut no_slots
+        }
+    };
+    for (ci, (chunk, slot_chunk)) in xs.chunks_mut(CHUNK).zip(slots.chunks_mut(CHUNK)).enumerate() {
         let captured: Vec<Option<Vec<f32>>> = chunk
             .par_iter_mut()
-            .map(|x| {
+            .zip(slot_chunk.par_iter_mut())
+            .map(|(x, slot)| {
                 let n = x.len() / model.config.hidden_size;
                 let mut s = Scratch::default();
-                model.rope.tables(0, n, &mut s.cos, &mut s.sin);
-                let mut cache = LayerCache { k: Vec::new(), v: Vec::new() };
                 let mut got = None;
                 let mut obs = |_: usize, at: Site, input: &[f32], _: usize| {
                     if Some(at) == site {
@@ -86,11 +133,25 @@ pub fn run_block_with(
                     }
                     false
                 };
-                if update {
-                    model.block_forward(layer, block, x, n, 0, &mut cache, &mut s, Some(&mut obs));
+                let mut tmp;
+                let state = if update {
+                    &mut *x
                 } else {
-                    let mut tmp = x.clone();
-                    model.block_forward(layer, block, &mut tmp, n, 0, &mut cache, &mut s, Some(&mut obs));
+                    tmp = x.clone();
+                    &mut tmp
+                };
+                match slot.as_deref() {
+                    Some(a) if past_attention => {
+                        model.block_forward_from_attention(layer, block, state, n, a, &mut s, Some(&mut obs))
+                    }
+                    _ => {
+                        model.rope.tables(0, n, &mut s.cos, &mut s.sin);
+                        let mut cache = LayerCache { k: Vec::new(), v: Vec::new() };
+                        model.block_forward(layer, block, state, n, 0, &mut cache, &mut s, Some(&mut obs));
+                        if caching && past_attention {
+                            *slot = Some(s.attn[..n * qd].to_vec());
+                        }
+                    }
                 }
                 got
             })
@@ -105,9 +166,16 @@ pub fn run_block_with(
 }
 
 /// The Hessian of the inputs of `site` in block `layer`.
-pub fn collect_hessian(model: &Model, layer: usize, xs: &mut [Vec<f32>], site: Site, cols: usize) -> Result<Hessian> {
+pub fn collect_hessian(
+    model: &Model,
+    layer: usize,
+    xs: &mut [Vec<f32>],
+    attn: Option<&mut [Option<Vec<f32>>]>,
+    site: Site,
+    cols: usize,
+) -> Result<Hessian> {
     let mut acc = HessianAccumulator::new(cols);
-    run_block(model, layer, xs, false, Some(site), &mut |input, n| {
+    run_block_with(model, &model.blocks[layer], layer, xs, false, Some(site), attn, &mut |_, input, n| {
         acc.add_batch(input, n).map_err(|e| {
             WhittleError::Invalid(format!("calibration inputs of layer {layer} ({site:?}): {e}"))
         })
@@ -118,26 +186,35 @@ pub fn collect_hessian(model: &Model, layer: usize, xs: &mut [Vec<f32>], site: S
 /// The Hessian of `site`'s inputs on the compressed path `xs`, and the cross term D = 2/n Σ (x_d − x_q) x_qᵀ
 /// against the dense path `xs_dense` run through the dense `dense_block` (see `compress::error_feedback`).
 /// Windows are paired by index; both paths hold one chunk of activations at a time.
+/// `attn` holds the attention caches of the compressed and the dense path.
+#[allow(clippy::too_many_arguments)]
 pub fn collect_hessian_and_cross(
     model: &Model,
     layer: usize,
     xs: &mut [Vec<f32>],
     xs_dense: &mut [Vec<f32>],
     dense_block: &Block,
+    attn: Option<(&mut [Option<Vec<f32>>], &mut [Option<Vec<f32>>])>,
     site: Site,
     cols: usize,
 ) -> Result<(Hessian, Vec<f64>)> {
     let mut acc = HessianAccumulator::new(cols);
     let mut cross = CrossAccumulator::new(cols);
     let err = |e: crate::compress::CompressError| WhittleError::Invalid(format!("calibration inputs of layer {layer} ({site:?}): {e}"));
+    // Chunks of both paths and of their caches go together, so one chunk of activations is alive at a time.
+    let mut caches = attn.map(|(q, d)| (q.chunks_mut(CHUNK), d.chunks_mut(CHUNK)));
     for (q_chunk, d_chunk) in xs.chunks_mut(CHUNK).zip(xs_dense.chunks_mut(CHUNK)) {
+        let (q_slots, d_slots) = match caches.as_mut() {
+            Some((q, d)) => (q.next(), d.next()),
+            None => (None, None),
+        };
         let mut dense_inputs: Vec<Vec<f32>> = Vec::with_capacity(CHUNK);
-        run_block_with(model, dense_block, layer, d_chunk, false, Some(site), &mut |_, input, _| {
+        run_block_with(model, dense_block, layer, d_chunk, false, Some(site), d_slots, &mut |_, input, _| {
             dense_inputs.push(input.to_vec());
             Ok(())
         })?;
         let mut i = 0;
-        run_block_with(model, &model.blocks[layer], layer, q_chunk, false, Some(site), &mut |_, input, n| {
+        run_block_with(model, &model.blocks[layer], layer, q_chunk, false, Some(site), q_slots, &mut |_, input, n| {
             acc.add_batch(input, n).map_err(err)?;
             cross.add_batch(input, &dense_inputs[i], n).map_err(err)?;
             i += 1;

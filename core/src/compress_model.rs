@@ -4,7 +4,7 @@
 //! sees inputs produced by its compressed predecessors. Results stream out as events while the job runs (the GUI
 //! plots them), and the job is cancellable between stages and inside long layers.
 
-use crate::calib::{collect_hessian, collect_hessian_and_cross, run_block, run_block_with};
+use crate::calib::{collect_hessian, collect_hessian_and_cross, run_block_with, slots_of, AttnCache};
 use crate::compress::error_feedback::shifted_target;
 use crate::compress::Method;
 use crate::compress::{compress_layer, relative_error, CompressError, Matrix, QuantizedLinear};
@@ -138,7 +138,14 @@ pub fn compress_model_with(
     let mut xs_dense = if feedback { xs.clone() } else { Vec::new() };
     let mut layers = Vec::new();
     let mut quantized = BTreeMap::new();
+    let tokens: usize = windows.iter().map(Vec::len).sum();
+    let attn_bytes = tokens * model.config.q_dim() * 4;
+    let mut attn_q = AttnCache::new(windows.len(), attn_bytes);
+    let mut attn_d = if feedback { AttnCache::new(windows.len(), attn_bytes) } else { None };
     for l in 0..model.config.num_layers {
+        for c in [&mut attn_q, &mut attn_d].into_iter().flatten() {
+            c.clear();
+        }
         let restored = match checkpoint.as_deref_mut() {
             Some(cp) => cp.restore(l)?,
             None => None,
@@ -164,10 +171,11 @@ pub fn compress_model_with(
             on_event(CompressEvent::Stage { layer: l, stage, done: layers.len(), total });
             let cols = model.blocks[l].linears[kinds[0]].weight.cols();
             let (h, cross) = if feedback {
-                let (h, d) = collect_hessian_and_cross(model, l, &mut xs, &mut xs_dense, &dense_blocks[l], site, cols)?;
+                let attn = slots_of(&mut attn_q).zip(slots_of(&mut attn_d));
+                let (h, d) = collect_hessian_and_cross(model, l, &mut xs, &mut xs_dense, &dense_blocks[l], attn, site, cols)?;
                 (h, Some(d))
             } else {
-                (collect_hessian(model, l, &mut xs, site, cols)?, None)
+                (collect_hessian(model, l, &mut xs, slots_of(&mut attn_q), site, cols)?, None)
             };
             for &k in kinds {
                 let name = Model::module_name(l, LINEAR_KINDS[k]);
@@ -247,9 +255,10 @@ pub fn compress_model_with(
             cp.save(&finished)?;
         }
         // The next block is calibrated on this block's outputs with its compressed weights.
-        run_block(model, l, &mut xs, true, None, &mut |_, _| Ok(()))?;
+        // A restored layer computed no attention here; its cache is empty and the forward computes it.
+        run_block_with(model, &model.blocks[l], l, &mut xs, true, None, slots_of(&mut attn_q), &mut |_, _, _| Ok(()))?;
         if feedback {
-            run_block_with(model, &dense_blocks[l], l, &mut xs_dense, true, None, &mut |_, _, _| Ok(()))?;
+            run_block_with(model, &dense_blocks[l], l, &mut xs_dense, true, None, slots_of(&mut attn_d), &mut |_, _, _| Ok(()))?;
         }
         if let Some(cp) = checkpoint.as_deref_mut() {
             // Streaming: this layer's weights (compressed, and the dense originals of error feedback) are done with.

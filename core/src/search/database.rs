@@ -268,7 +268,7 @@ impl Builder<'_> {
                     return Err(WhittleError::Cancelled);
                 }
                 let cols = model.blocks[l].linears[kinds[0]].weight.cols();
-                let (h, cross) = collect_hessian_and_cross(&work, l, &mut xs, &mut xs_dense, &model.blocks[l], site, cols)?;
+                let (h, cross) = collect_hessian_and_cross(&work, l, &mut xs, &mut xs_dense, &model.blocks[l], None, site, cols)?;
                 for (k, levels) in kinds.iter().zip(self.stage(l, kinds, &h, Some(&cross))?) {
                     // Later stages and blocks are calibrated on this linear at the level `along` gives it.
                     let i = l * LINEAR_KINDS.len() + k;
@@ -277,7 +277,7 @@ impl Builder<'_> {
                 }
             }
             run_block(&work, l, &mut xs, true, None, &mut |_, _| Ok(()))?;
-            run_block_with(model, &model.blocks[l], l, &mut xs_dense, true, None, &mut |_, _, _| Ok(()))?;
+            run_block_with(model, &model.blocks[l], l, &mut xs_dense, true, None, None, &mut |_, _, _| Ok(()))?;
         }
         Ok(unzip(out))
     }

@@ -44,7 +44,7 @@ pub fn calibration_windows(tok: &Tokenizer, text: &str, s: &CalibSettings, origi
 }
 
 /// Windows run in parallel per chunk; bounded so a 7B layer's activations stay small.
-const CHUNK: usize = 8;
+pub(crate) const CHUNK: usize = 8;
 
 /// Attention outputs of the current layer, one slot per calibration window, filled by the first pass that computes
 /// them. Attention depends only on q/k/v, which the first stage of a layer fixes, so the later stages and the update

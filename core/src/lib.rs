@@ -7,6 +7,7 @@ pub mod chat;
 pub mod compress;
 pub mod compress_model;
 pub mod error;
+pub mod estimate;
 pub mod eval;
 pub mod export;
 pub mod model;

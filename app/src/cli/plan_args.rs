@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use whittle_core::calib::{calibration_windows, CalibSettings};
 use whittle_core::compress::Method;
 use whittle_core::checkpoint::{job_key, CheckpointDir};
+use whittle_core::estimate::{check_fits, estimate};
 use whittle_core::compress_model::{compress_model, compress_model_with, CompressEvent, CompressOutput};
 use whittle_core::eval::read_text;
 use whittle_core::model::source::DEFAULT_CALIBRATION_TEXT;
@@ -164,6 +165,26 @@ pub fn run_compression_with(
         bar.finish_and_clear();
         return Ok(out);
     };
+    let est = estimate(
+        &m.model.config,
+        plan,
+        (dense_bits(m) / 8.0).ceil() as u64,
+        windows.len(),
+        settings.ctx,
+        rayon::current_num_threads(),
+    );
+    if !quiet {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        eprintln!(
+            "estimate: peak memory {:.2} GiB (compressing {:.2}, exporting {:.2}), disk {:.2} GiB, time ~{:.0} s (order of magnitude)",
+            gib(est.peak_bytes()),
+            gib(est.compress_peak_bytes),
+            gib(est.export_peak_bytes),
+            gib(est.disk_bytes),
+            est.seconds
+        );
+    }
+    check_fits(&est, Some(r.dir)).map_err(|e| anyhow::anyhow!(e))?;
     if r.restart && r.dir.exists() {
         std::fs::remove_dir_all(r.dir).with_context(|| format!("cannot remove {}", r.dir.display()))?;
     }

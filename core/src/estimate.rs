@@ -1,0 +1,190 @@
+//! What a compression will cost before it starts: peak memory, disk and a rough time, from the model's shapes,
+//! the plan and the calibration size, so a job that cannot fit is refused with a clear message instead of being
+//! killed by the OOM killer an hour in.
+//!
+//! The memory model follows the streaming compression (`compress_model_with` + `checkpoint`): the calibration
+//! states of every window on both paths, one chunk of per-window forward scratch, one layer's weights and the
+//! embedding resident, and the largest linear's Hessian, cross term and GPTQ working set. The time is an order of
+//! magnitude: calibration FLOPs and GPTQ FLOPs over an assumed sustained rate per core.
+
+use crate::calib::AttnCache;
+use crate::model::ModelConfig;
+use crate::plan::ResolvedPlan;
+use serde::Serialize;
+
+/// Windows the calibration runs in parallel (`calib::CHUNK`).
+const CHUNK: u64 = crate::calib::CHUNK as u64;
+
+/// Sustained f32 FLOP/s per core assumed for the time estimate (measured 15–30 GFLOP/s on the development VM's
+/// Zen 4 cores for these shapes); an estimate, not a promise.
+const FLOPS_PER_CORE: f64 = 20e9;
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Estimate {
+    /// Peak resident bytes while compressing.
+    pub compress_peak_bytes: u64,
+    /// Peak resident bytes while writing the export (all integer forms and the packed tensors at once).
+    pub export_peak_bytes: u64,
+    /// Bytes written: finished layers in the checkpoint folder, then the export.
+    pub disk_bytes: u64,
+    /// Order of magnitude of the wall time on `cores` cores.
+    pub seconds: f64,
+}
+
+impl Estimate {
+    pub fn peak_bytes(&self) -> u64 {
+        self.compress_peak_bytes.max(self.export_peak_bytes)
+    }
+}
+
+/// The estimate for compressing a model of `cfg` (stored with `dtype_bytes` per weight) under `plan`, calibrated on
+/// `windows` windows of `ctx` tokens, on `cores` cores.
+pub fn estimate(cfg: &ModelConfig, plan: &ResolvedPlan, dtype_bytes: u64, windows: usize, ctx: usize, cores: usize) -> Estimate {
+    let (d, qd, kvd, im) = (cfg.hidden_size as u64, cfg.q_dim() as u64, cfg.kv_dim() as u64, cfg.intermediate_size as u64);
+    let (tokens, ctx) = ((windows * ctx) as u64, ctx as u64);
+    let paths = if plan.error_feedback { 2 } else { 1 };
+    let states = paths * tokens * d * 4;
+    let attn_cache = tokens * qd * 4;
+    let attn_cache = if attn_cache as usize <= AttnCache::MAX_BYTES { paths * attn_cache } else { 0 };
+    // Per window being computed (one per core): norms, q/k/v, KV cache, attention, projections, gate/up, scores; per
+    // window of the chunk: the captured site input, until the chunk is folded into the Hessian.
+    let cores_u = cores.max(1) as u64;
+    let scratch = cores_u * paths * ctx * (4 * d + 2 * qd + 4 * kvd + 3 * im + ctx) * 4 + paths * CHUNK * ctx * d.max(im) * 4;
+    let layer_params = (2 * d * qd + 2 * d * kvd + 3 * d * im) as u64;
+    let max_cols = d.max(qd).max(im);
+    let max_linear = plan.modules.iter().map(|m| (m.rows * m.cols) as u64).max().unwrap_or(0);
+    // H and the cross term in f64, plus GPTQ's Cholesky factor/inverse and a copy; W, its target and the result in f32.
+    let solver = (paths + 2) * max_cols * max_cols * 8 + 3 * max_linear * 4;
+    let resident_weights = layer_params * dtype_bytes * 2 + cfg.vocab_size as u64 * d * dtype_bytes;
+    let compress_peak_bytes = states + attn_cache + scratch + solver + resident_weights;
+
+    let linear_params: u64 = plan.modules.iter().map(|m| (m.rows * m.cols) as u64).sum();
+    // Integer forms hold one byte per code plus scales and zero points; the export holds the packed tensors.
+    let integer_forms = linear_params + plan.linear_bytes / 2;
+    let export_peak_bytes = integer_forms + plan.size_bytes + resident_weights;
+    let disk_bytes = integer_forms + plan.size_bytes;
+
+    let layers = cfg.num_layers as f64;
+    let attention = 2.0 * (ctx as f64) * (qd as f64) * 2.0; // per token: scores and weighted sum, half the window on average
+    let forward = tokens as f64 * (2.0 * layer_params as f64 + attention) * layers;
+    // Per layer: attention once and the linears about twice per path (stages restart from the cached attention).
+    let calibration = forward * 2.0 * paths as f64;
+    let solve: f64 = plan.modules.iter().filter(|m| m.job.is_some()).map(|m| 2.0 * m.rows as f64 * (m.cols as f64).powi(2)).sum();
+    let hessians: f64 = tokens as f64 * plan.modules.iter().map(|m| (m.cols as f64).powi(2)).sum::<f64>() / 3.0;
+    let seconds = (calibration + solve + hessians) / (FLOPS_PER_CORE * cores.max(1) as f64);
+    Estimate { compress_peak_bytes, export_peak_bytes, disk_bytes, seconds }
+}
+
+/// Bytes of memory available to a new job (Linux `MemAvailable`); `None` where unknown.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Free bytes on the file system holding `path` (or its nearest existing parent); `None` where unknown.
+pub fn available_disk(path: &std::path::Path) -> Option<u64> {
+    let mut p = path;
+    while !p.exists() {
+        p = p.parent()?;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a NUL-terminated path and `s` a statvfs we own.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+            return None;
+        }
+        Some(s.f_bavail as u64 * s.f_frsize as u64)
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// Refuses a job that cannot fit: an error naming what is short and by how much, or `Ok` (also when the machine
+/// does not say what it has).
+pub fn check_fits(e: &Estimate, out: Option<&std::path::Path>) -> Result<(), String> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if let Some(avail) = available_memory() {
+        if e.peak_bytes() > avail {
+            return Err(format!(
+                "this compression needs about {:.1} GiB of memory at its peak but {:.1} GiB are available; use fewer \
+                 calibration windows (--calib-samples) or shorter ones (--calib-ctx), or free memory",
+                gib(e.peak_bytes()),
+                gib(avail)
+            ));
+        }
+    }
+    if let (Some(out), true) = (out, e.disk_bytes > 0) {
+        if let Some(free) = available_disk(out) {
+            if e.disk_bytes > free {
+                return Err(format!(
+                    "writing {} needs about {:.1} GiB of disk but {:.1} GiB are free there",
+                    out.display(),
+                    gib(e.disk_bytes),
+                    gib(free)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Plan;
+
+    fn seven_b() -> ModelConfig {
+        let v = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000
+        });
+        ModelConfig::from_json(v, std::path::Path::new("config.json")).unwrap()
+    }
+
+    fn plan_for(cfg: &ModelConfig, toml: &str) -> ResolvedPlan {
+        let linears: Vec<(String, usize, usize)> = (0..cfg.num_layers)
+            .flat_map(|l| {
+                let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+                [("q", d, d), ("k", d, d), ("v", d, d), ("o", d, d), ("gate", i, d), ("up", i, d), ("down", d, i)]
+                    .map(|(k, r, c)| (format!("model.layers.{l}.{k}_proj"), r, c))
+            })
+            .collect();
+        Plan::from_toml_str(toml, std::path::Path::new("p.toml")).unwrap().resolve(&linears, 2 * 32000 * 4096, 16.0).unwrap()
+    }
+
+    #[test]
+    fn seven_b_w4g128_with_128x512_calibration_counts_states_and_solver() {
+        let cfg = seven_b();
+        let plan = plan_for(&cfg, "[[rules]]\nmodules = \"*\"\nmethod = \"gptq\"\nbits = 4\ngroup = 128\n");
+        let e = estimate(&cfg, &plan, 2, 128, 512, 2);
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        // At least the two 1 GiB state sets (compressed and dense path) and the down_proj Hessian and cross term
+        // (2 × 11008² f64); the solver's copies on top keep it near 8–9 GiB, over the 6 GiB goal (see issue notes).
+        assert!((4.0..12.0).contains(&gib(e.compress_peak_bytes)), "{:.2} GiB", gib(e.compress_peak_bytes));
+        // The export holds 6.5 G codes and 3.5 GB of packed tensors: the phase that does not fit 6 GiB yet.
+        assert!(gib(e.export_peak_bytes) > 6.0);
+        assert!(e.seconds > 3600.0, "a 7B calibration of 65k tokens on 2 cores takes hours: {}", e.seconds);
+    }
+
+    #[test]
+    fn more_calibration_costs_more_memory_and_time() {
+        let cfg = seven_b();
+        let plan = plan_for(&cfg, "[[rules]]\nmodules = \"*\"\nmethod = \"gptq\"\nbits = 4\ngroup = 128\n");
+        let (a, b) = (estimate(&cfg, &plan, 2, 16, 512, 2), estimate(&cfg, &plan, 2, 128, 512, 2));
+        assert!(a.compress_peak_bytes < b.compress_peak_bytes && a.seconds < b.seconds);
+    }
+
+    #[test]
+    fn an_impossible_job_is_refused_with_the_numbers() {
+        let e = Estimate { compress_peak_bytes: u64::MAX / 4, export_peak_bytes: 0, disk_bytes: 0, seconds: 1.0 };
+        if available_memory().is_some() {
+            let err = check_fits(&e, None).unwrap_err();
+            assert!(err.contains("GiB of memory") && err.contains("--calib-samples"), "{err}");
+        }
+    }
+}

@@ -70,13 +70,19 @@ impl AttnCache {
     }
 
     /// The slots, one per window, as `run_block_with` takes them.
-    pub fn slots(&mut self) -> &mut [Option<Vec<f32>>] {
+    pub fn slots(&mut self) -> &mut AttnSlots {
         &mut self.slots
     }
 }
 
+/// Receives (window index, the site's input `[n, width]`, n) for each window.
+pub type WindowObserver<'a> = dyn FnMut(usize, &[f32], usize) -> Result<()> + 'a;
+
+/// One attention slot per calibration window (see [`AttnCache`]).
+pub type AttnSlots = [Option<Vec<f32>>];
+
 /// The slots of an optional cache.
-pub fn slots_of(c: &mut Option<AttnCache>) -> Option<&mut [Option<Vec<f32>>]> {
+pub fn slots_of(c: &mut Option<AttnCache>) -> Option<&mut AttnSlots> {
     c.as_mut().map(AttnCache::slots)
 }
 
@@ -103,8 +109,8 @@ pub fn run_block_with(
     xs: &mut [Vec<f32>],
     update: bool,
     site: Option<Site>,
-    attn: Option<&mut [Option<Vec<f32>>]>,
-    observe: &mut dyn FnMut(usize, &[f32], usize) -> Result<()>,
+    attn: Option<&mut AttnSlots>,
+    observe: &mut WindowObserver<'_>,
 ) -> Result<()> {
     // Stopping at the attention input computes no attention, so there is nothing to keep.
     let past_attention = site != Some(Site::AttnIn);
@@ -170,7 +176,7 @@ pub fn collect_hessian(
     model: &Model,
     layer: usize,
     xs: &mut [Vec<f32>],
-    attn: Option<&mut [Option<Vec<f32>>]>,
+    attn: Option<&mut AttnSlots>,
     site: Site,
     cols: usize,
 ) -> Result<Hessian> {
@@ -194,7 +200,7 @@ pub fn collect_hessian_and_cross(
     xs: &mut [Vec<f32>],
     xs_dense: &mut [Vec<f32>],
     dense_block: &Block,
-    attn: Option<(&mut [Option<Vec<f32>>], &mut [Option<Vec<f32>>])>,
+    attn: Option<(&mut AttnSlots, &mut AttnSlots)>,
     site: Site,
     cols: usize,
 ) -> Result<(Hessian, Vec<f64>)> {

@@ -50,7 +50,7 @@ pub fn estimate(cfg: &ModelConfig, plan: &ResolvedPlan, dtype_bytes: u64, window
     // window of the chunk: the captured site input, until the chunk is folded into the Hessian.
     let cores_u = cores.max(1) as u64;
     let scratch = cores_u * paths * ctx * (4 * d + 2 * qd + 4 * kvd + 3 * im + ctx) * 4 + paths * CHUNK * ctx * d.max(im) * 4;
-    let layer_params = (2 * d * qd + 2 * d * kvd + 3 * d * im) as u64;
+    let layer_params = 2 * d * qd + 2 * d * kvd + 3 * d * im;
     let max_cols = d.max(qd).max(im);
     let max_linear = plan.modules.iter().map(|m| (m.rows * m.cols) as u64).max().unwrap_or(0);
     // H and the cross term in f64, plus GPTQ's Cholesky factor/inverse and a copy; W, its target and the result in f32.

@@ -34,7 +34,7 @@ fn parts(q: &QuantizedLinear) -> QuantParts<'_> {
 
 /// True when every run of 4 columns of every row holds at least 2 zeros (the 2:4 pattern).
 fn is_two_of_four(w: &[f32], rows: usize, cols: usize) -> bool {
-    cols % 4 == 0
+    cols.is_multiple_of(4)
         && (0..rows).all(|r| w[r * cols..(r + 1) * cols].chunks_exact(4).all(|c| c.iter().filter(|v| **v == 0.0).count() >= 2))
 }
 

@@ -139,7 +139,7 @@ pub fn synth(shape: SynthShape, seed: u64, dtype: SynthDType, out: &Path, force:
     }
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     let mut hbytes = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
-    while (8 + hbytes.len()) % 8 != 0 {
+    while !(8 + hbytes.len()).is_multiple_of(8) {
         hbytes.push(b' ');
     }
     let path = tmp.join("model.safetensors");

@@ -34,7 +34,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     } else {
         let temperature = a.temperature.unwrap_or(1.0);
         let top_p = a.top_p.unwrap_or(1.0);
-        if !(temperature >= 0.0) || !(top_p > 0.0 && top_p <= 1.0) {
+        // Written so that NaN fails both checks.
+        if temperature.is_nan() || temperature < 0.0 || !(top_p > 0.0 && top_p <= 1.0) {
             bail!("--temperature must be ≥ 0 and --top-p in (0, 1]");
         }
         Sampling::TopP { temperature, top_p, seed: a.seed.unwrap_or(0) }

@@ -278,21 +278,6 @@ impl Model {
 }
 
 /// Causal grouped-query attention of `n` new queries at positions pos0.. against the whole cache.
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn fast_exp_matches_libm_within_5e7_relative() {
-        // Below about -80 the result is within a few ulps of the smallest normal float and irrelevant to a softmax.
-        let mut x = -80.0f32;
-        while x <= 0.0 {
-            let (a, b) = (super::exp_nonpositive(x), x.exp());
-            assert!(((a - b) / b).abs() < 5e-7, "x={x}: {a} vs {b}");
-            x += 0.0137;
-        }
-        assert_eq!(super::exp_nonpositive(0.0), 1.0);
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn attention(cfg: &ModelConfig, q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, n: usize, out: &mut [f32], scores: &mut Vec<f32>) {
     if n > 1 {
@@ -467,4 +452,19 @@ fn sum8(v: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + rest
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fast_exp_matches_libm_within_5e7_relative() {
+        // Below about -80 the result is within a few ulps of the smallest normal float and irrelevant to a softmax.
+        let mut x = -80.0f32;
+        while x <= 0.0 {
+            let (a, b) = (super::exp_nonpositive(x), x.exp());
+            assert!(((a - b) / b).abs() < 5e-7, "x={x}: {a} vs {b}");
+            x += 0.0137;
+        }
+        assert_eq!(super::exp_nonpositive(0.0), 1.0);
+    }
 }

@@ -16,6 +16,9 @@ use crate::eval::log_softmax;
 use crate::model::{KvCache, Model, Scratch};
 use rayon::prelude::*;
 
+/// One window's dense reference: next-token probabilities, and per position Σ p·log p and Σ p (for the KL).
+type WindowReference = (Vec<f32>, Vec<f64>, Vec<f64>);
+
 /// Largest dense-distribution cache accepted (windows × ctx × vocab × 4 bytes).
 const MAX_REFERENCE_BYTES: usize = 4 << 30;
 
@@ -42,7 +45,7 @@ impl Reference {
                 (tokens * vocab * 4) as f64 / (1u64 << 30) as f64
             )));
         }
-        let per: Vec<Option<(Vec<f32>, Vec<f64>, Vec<f64>)>> = windows
+        let per: Vec<Option<WindowReference>> = windows
             .par_iter()
             .map(|w| {
                 if cancelled() {

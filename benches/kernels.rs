@@ -1,5 +1,6 @@
 //! GEMV kernels at LLaMA-7B MLP shapes (4096×11008 and 11008×4096): dense f16 (the reference), int4 with groups of
-//! 128, and 2:4 sparse + int4. Criterion reports time and throughput; after it, a summary measured in the same run
+//! 128, and 2:4 sparse + int4, each int4 kind with exact f32 activations (`matmul`, the runtime default) and with
+//! int8 activations (`matmul_q8`, VNNI, `_q8` labels). Criterion reports time and throughput; after it, a summary measured in the same run
 //! prints each kernel's GB/s as a fraction of the stream-read bandwidth and its speedup over f16.
 //!
 //! `cargo bench --bench kernels` (threads: `WHITTLE_BENCH_THREADS`, default 2). Each layer is rotated over enough
@@ -8,11 +9,17 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::time::Duration;
 use whittle_kernels::bench::{bench_weight, copies_for, streamed_bytes};
-use whittle_kernels::{bench_gemv, measure_stream_read_gbps, GemvShape, Weight};
+use whittle_kernels::{bench_gemv_q8, measure_stream_read_gbps, GemvShape, Weight};
 
 const SHAPES: [GemvShape; 2] = [GemvShape { rows: 4096, cols: 11008 }, GemvShape { rows: 11008, cols: 4096 }];
-/// (label, bits, group, 2:4): bits 16 = dense f16.
-const KINDS: [(&str, u8, usize, bool); 3] = [("f16", 16, 0, false), ("int4_g128", 4, 128, false), ("sparse24_int4_g128", 4, 128, true)];
+/// (label, bits, group, 2:4, int8 activations): bits 16 = dense f16.
+const KINDS: [(&str, u8, usize, bool, bool); 5] = [
+    ("f16", 16, 0, false, false),
+    ("int4_g128", 4, 128, false, false),
+    ("int4_g128_q8", 4, 128, false, true),
+    ("sparse24_int4_g128", 4, 128, true, false),
+    ("sparse24_int4_g128_q8", 4, 128, true, true),
+];
 
 fn threads() -> usize {
     std::env::var("WHITTLE_BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(2)
@@ -26,7 +33,7 @@ fn gemv(c: &mut Criterion) {
     for shape in SHAPES {
         let x: Vec<f32> = (0..shape.cols).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
         let mut y = vec![0.0f32; shape.rows];
-        for (label, bits, g, sparse) in KINDS {
+        for (label, bits, g, sparse, q8) in KINDS {
             let w = bench_weight(shape, bits, g, sparse).expect("bench weight");
             let bytes = streamed_bytes(&w);
             let copies: Vec<Weight> = (0..copies_for(bytes)).map(|_| w.clone()).collect();
@@ -35,7 +42,12 @@ fn gemv(c: &mut Criterion) {
             group.bench_function(format!("{label}/{}x{}", shape.rows, shape.cols), |b| {
                 pool.install(|| {
                     b.iter(|| {
-                        copies[i % copies.len()].matmul(&x, 1, &mut y);
+                        let w = &copies[i % copies.len()];
+                        if q8 {
+                            w.matmul_q8(&x, 1, &mut y)
+                        } else {
+                            w.matmul(&x, 1, &mut y)
+                        }
                         i += 1;
                     })
                 })
@@ -49,8 +61,8 @@ fn gemv(c: &mut Criterion) {
     println!("\nstream read: {stream:.1} GB/s on {threads} threads");
     for shape in SHAPES {
         let mut f16_s = None;
-        for (_, bits, g, sparse) in KINDS {
-            match bench_gemv(shape, bits, g, sparse, threads) {
+        for (_, bits, g, sparse, q8) in KINDS {
+            match bench_gemv_q8(shape, bits, g, sparse, threads, q8) {
                 Ok(r) => {
                     let speedup = f16_s.map(|s: f64| format!(", {:.2}x f16", s / r.seconds)).unwrap_or_default();
                     if bits == 16 {

@@ -30,18 +30,31 @@ fn main() {
                         }
                         best = best.min(t.elapsed().as_secs_f64());
                     }
-                    let bytes = whittle_kernels::bench::streamed_bytes(&w);
-                    println!(
-                        "{}x{} bits {bits} sparse {sparse} {:>6}: {:.3} ms {:.1} GB/s {:.1} Gweights/s",
-                        shape.rows,
-                        shape.cols,
-                        isa.name(),
-                        best * 1e3,
-                        bytes as f64 / best / 1e9,
-                        (shape.rows * shape.cols) as f64 / best / 1e9
-                    );
+                    report(shape, bits, sparse, isa.name(), best, &w);
+                }
+                if whittle_kernels::bench::q8_kernel_for(&w) {
+                    let mut best = f64::MAX;
+                    for _ in 0..15 {
+                        let t = Instant::now();
+                        w.matmul_q8(&x, 1, &mut y);
+                        best = best.min(t.elapsed().as_secs_f64());
+                    }
+                    report(shape, bits, sparse, "q8", best, &w);
                 }
             }
         }
     });
+}
+
+fn report(shape: GemvShape, bits: u8, sparse: bool, isa: &str, best: f64, w: &Weight) {
+    let bytes = whittle_kernels::bench::streamed_bytes(w);
+    println!(
+        "{}x{} bits {bits} sparse {sparse} {:>6}: {:.3} ms {:.1} GB/s {:.1} Gweights/s",
+        shape.rows,
+        shape.cols,
+        isa,
+        best * 1e3,
+        bytes as f64 / best / 1e9,
+        (shape.rows * shape.cols) as f64 / best / 1e9
+    );
 }

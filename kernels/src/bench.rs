@@ -158,6 +158,15 @@ pub fn bench_weight(shape: GemvShape, bits: u8, group: usize, sparse24: bool) ->
     }
 }
 
+/// Whether `Weight::matmul_q8` runs an int8-activation kernel for `w` on this CPU.
+pub fn q8_kernel_for(w: &Weight) -> bool {
+    match w {
+        Weight::Packed(p) => p.q8_supported(),
+        Weight::Sparse24(s) => s.q8_supported(),
+        Weight::Dense(_) => false,
+    }
+}
+
 /// Bytes a GEMV with `w` streams per call.
 pub fn streamed_bytes(w: &Weight) -> usize {
     match w {
@@ -182,6 +191,19 @@ pub fn bench_gemv(
     sparse24: bool,
     threads: usize,
 ) -> Result<GemvReport, crate::KernelError> {
+    bench_gemv_q8(shape, bits, group, sparse24, threads, false)
+}
+
+/// `bench_gemv`, with `q8` timing `Weight::matmul_q8` (int8 activations, VNNI) instead of `matmul`; the label then
+/// says `q8` when a q8 kernel really ran.
+pub fn bench_gemv_q8(
+    shape: GemvShape,
+    bits: u8,
+    group: usize,
+    sparse24: bool,
+    threads: usize,
+    q8: bool,
+) -> Result<GemvReport, crate::KernelError> {
     let threads = threads.max(1);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -190,6 +212,8 @@ pub fn bench_gemv(
     let w = bench_weight(shape, bits, group, sparse24)?;
     let bytes = streamed_bytes(&w);
     let copies: Vec<Weight> = (0..copies_for(bytes)).map(|_| w.clone()).collect();
+    let mm = |w: &Weight, x: &[f32], y: &mut [f32]| if q8 { w.matmul_q8(x, 1, y) } else { w.matmul(x, 1, y) };
+    let q8_ran = q8 && q8_kernel_for(&w);
     let mut rng = SplitMix(7);
     let x: Vec<f32> = (0..shape.cols).map(|_| rng.f32()).collect();
     let mut y = vec![0.0f32; shape.rows];
@@ -197,13 +221,13 @@ pub fn bench_gemv(
     let mut times = Vec::new();
     pool.install(|| {
         for c in &copies {
-            c.matmul(&x, 1, &mut y); // warm-up: page in, wake threads
+            mm(c, &x, &mut y); // warm-up: page in, wake threads
         }
         let t_end = Instant::now() + std::time::Duration::from_millis(700);
         let mut i = 0;
         while times.len() < 20 || (Instant::now() < t_end && times.len() < 2000) {
             let t = Instant::now();
-            copies[i % copies.len()].matmul(&x, 1, &mut y);
+            mm(&copies[i % copies.len()], &x, &mut y);
             times.push(t.elapsed().as_secs_f64());
             i += 1;
         }
@@ -212,13 +236,16 @@ pub fn bench_gemv(
     times.sort_by(|a, b| a.total_cmp(b));
     let seconds = times[times.len() / 2];
     let gbps = bytes as f64 / seconds / 1e9;
-    let kind = if bits == 16 {
+    let mut kind = if bits == 16 {
         "f16 dense".to_string()
     } else if sparse24 {
         format!("2:4 + int{bits} g{group}")
     } else {
         format!("int{bits} g{group}")
     };
+    if q8_ran {
+        kind.push_str(" q8");
+    }
     Ok(GemvReport {
         seconds,
         bytes_read: bytes,

@@ -66,6 +66,12 @@ impl Isa {
     }
 }
 
+/// Whether `WHITTLE_KERNELS_Q8=1` asks packed single-token products to use int8 activations (`matmul_q8`).
+pub(crate) fn q8_decode_requested() -> bool {
+    static Q8: OnceLock<bool> = OnceLock::new();
+    *Q8.get_or_init(|| std::env::var("WHITTLE_KERNELS_Q8").is_ok_and(|v| v == "1"))
+}
+
 /// Where a task writes `y[t, r]` of an `n × rows` row-major output.
 ///
 /// Tasks own disjoint row ranges, so their writes never alias; a raw pointer lets each task write its rows of

@@ -15,7 +15,7 @@ pub mod packed;
 pub mod sparse24;
 mod x86;
 
-pub use bench::{bench_gemv, measure_stream_read_gbps, GemvReport, GemvShape};
+pub use bench::{bench_gemv, bench_gemv_q8, measure_stream_read_gbps, GemvReport, GemvShape};
 pub use bytes::SharedBytes;
 pub use cpu::Isa;
 pub use dense::{DType, DenseWeight};
@@ -62,6 +62,15 @@ impl Weight {
             Weight::Dense(w) => w.matmul(x, n, y),
             Weight::Packed(w) => w.matmul(x, n, y),
             Weight::Sparse24(w) => w.matmul(x, n, y),
+        }
+    }
+    /// `matmul` with int8 activations where a kernel for that exists (`PackedWeight::matmul_q8`: approximate,
+    /// llama.cpp-style); other weights run `matmul`.
+    pub fn matmul_q8(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        match self {
+            Weight::Packed(w) => w.matmul_q8(x, n, y),
+            Weight::Sparse24(w) => w.matmul_q8(x, n, y),
+            Weight::Dense(w) => w.matmul(x, n, y),
         }
     }
     /// Bytes the weight occupies in memory.

@@ -13,7 +13,8 @@
 //! * The 2-bit positions need no masking (the permute ignores higher bits), so fetching 16 activations costs one
 //!   shift and one permute. Values decode like `packed` (code into the mantissa of 1.0); the zero point is
 //!   subtracted per lane in float, `(1+q/16) − (1+z/16) = (q−z)/16` exactly, because Σx differs per row here.
-//! * A *block* is 16 windows (256 columns): one word of positions (16 lanes × 16 windows × 2 bits), then the
+//! * A *block* is 16 windows (256 columns): one word of positions (16 lanes × 16 windows × 2 bits, window `W` at
+//!   bit `pos_shift(W)`), then the
 //!   values (two words of 4-bit codes, or 256 f16/f32), contiguous so a task streams one array.
 //!
 //! A ragged tail (cols not a multiple of 256, or of 4) is padded with zero values and zero activations; an odd row
@@ -44,6 +45,14 @@ enum ValueKind {
     Q4,
 }
 
+/// Bit offset of window `win`'s 2-bit position in a position lane: byte `(win % 8) / 2`, field `2·(win / 8) +
+/// win % 2` of it. So the windows whose codes share a nibble parity and code word (the 4 windows one VNNI
+/// `vpdpbusd` covers, see `x86::vnni`) have their positions in the 4 bytes of a lane at the same offset: one shift
+/// and one mask give their byte indices. The f32 kernels just shift by this constant.
+pub(crate) const fn pos_shift(win: usize) -> u32 {
+    (8 * ((win % 8) / 2) + 2 * (2 * (win / 8) + win % 2)) as u32
+}
+
 /// Columns per window and per block (see module docs).
 pub(crate) const WINDOW: usize = 16;
 pub(crate) const BLOCK_COLS: usize = 256;
@@ -67,6 +76,8 @@ pub struct Sparse24Weight {
     pub(crate) flush: Vec<u32>,
     /// Quantized values: group index of each 16-column window (for the scalar decode).
     win_group: Vec<u32>,
+    /// Quantized values: columns per group (≥ cols for one group per row).
+    group_size: usize,
 }
 
 /// The kept positions of one group of 4 and how many there are.
@@ -200,7 +211,7 @@ impl Sparse24Weight {
                     let lane = 4 * l + 2 * rr + slot;
                     let kept = slot < k;
                     let col = c0 + pos[slot];
-                    data[base + lane] |= (if kept { pos[slot] as u32 } else { 0 }) << (2 * win);
+                    data[base + lane] |= (if kept { pos[slot] as u32 } else { 0 }) << pos_shift(win);
                     match kind {
                         ValueKind::Q4 => {
                             let q = quant.as_ref().expect("Q4 has parts");
@@ -255,6 +266,7 @@ impl Sparse24Weight {
             zeros,
             flush,
             win_group,
+            group_size,
         })
     }
 
@@ -283,7 +295,7 @@ impl Sparse24Weight {
                 let base = (pair * self.blocks + b) * self.rec;
                 for slot in 0..2 {
                     let lane = 4 * l + 2 * rr + slot;
-                    let pos = (self.data[base + lane] >> (2 * win)) as usize & 3;
+                    let pos = (self.data[base + lane] >> pos_shift(win)) as usize & 3;
                     let v = self.value(r, base, win, lane, c0);
                     if v != 0.0 {
                         out[r * self.cols + c0 + pos] += v;
@@ -311,12 +323,55 @@ impl Sparse24Weight {
         }
     }
 
+    /// Group of 16-column window `win` (quantized values).
+    #[inline]
+    pub(crate) fn win_group_of(&self, win: usize) -> usize {
+        self.win_group.get(win).map_or(self.groups.saturating_sub(1), |&g| g as usize)
+    }
+
+    /// Whether `matmul_q8` runs the int8 kernel for this weight on this CPU (else it is `matmul`): 4-bit values
+    /// whose groups are whole 128-column halves of a block (group size a multiple of 128, or one group per row),
+    /// and AVX-512 VNNI + BW.
+    pub fn q8_supported(&self) -> bool {
+        self.kind == ValueKind::Q4 && (self.groups <= 1 || self.group_size.is_multiple_of(128)) && crate::x86::q8_sparse_supported()
+    }
+
+    /// y = x Wᵀ with int8 activations (one scale `max|x|/127` per 128 columns) and VNNI, like
+    /// `PackedWeight::matmul_q8` (same error bound); `matmul` where `q8_supported()` is false.
+    pub fn matmul_q8(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        assert_eq!(x.len(), n * self.cols, "x must be n × cols");
+        assert_eq!(y.len(), n * self.rows, "y must be n × rows");
+        if !self.q8_supported() {
+            return self.matmul_isa(Isa::best(), x, n, y);
+        }
+        let mut scratch = Scratch::take(&ACT_SCRATCH, self.blocks * 66);
+        let (xq, sxh) = scratch.split_at_mut(self.blocks * 64);
+        let xq: &mut [u32] = bytemuck::cast_slice_mut(xq);
+        let pair_bytes = self.blocks * self.rec * 4;
+        let mut yt = vec![0.0f32; if n > 1 { self.rows } else { 0 }];
+        for t in 0..n {
+            crate::x86::quantize_sparse_q8(&x[t * self.cols..(t + 1) * self.cols], self.cols, self.blocks, xq, sxh);
+            let (xq, sxh) = (&*xq, &*sxh);
+            let dst: &mut [f32] = if n == 1 { &mut *y } else { &mut yt };
+            cpu::for_row_blocks(self.rows, 2, pair_bytes / 2, 1, dst, |r0, r1, out| {
+                crate::x86::sparse_pairs_q8(self, xq, sxh, r0 / 2, r1.div_ceil(2), out)
+            });
+            if n > 1 {
+                y[t * self.rows..(t + 1) * self.rows].copy_from_slice(&yt);
+            }
+        }
+    }
+
     fn group_of_col(&self, col: usize) -> usize {
         self.win_group[col / WINDOW] as usize
     }
 
-    /// y = x Wᵀ with the best kernel for this CPU.
+    /// y = x Wᵀ with the best kernel for this CPU. Exact f32 activations, unless `WHITTLE_KERNELS_Q8=1` asks for
+    /// `matmul_q8` on single-token calls (decode).
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        if n == 1 && cpu::q8_decode_requested() && self.q8_supported() {
+            return self.matmul_q8(x, n, y);
+        }
         self.matmul_isa(Isa::best(), x, n, y)
     }
 
@@ -365,7 +420,7 @@ impl Sparse24Weight {
                             for l in 0..4 {
                                 for slot in 0..2 {
                                     let lane = 4 * l + 2 * rr + slot;
-                                    let pos = (self.data[base + lane] >> (2 * win)) as usize & 3;
+                                    let pos = (self.data[base + lane] >> pos_shift(win)) as usize & 3;
                                     total += self.value(r, base, win, lane, c0) * xt[c0 + 4 * l + pos];
                                 }
                             }

@@ -405,3 +405,142 @@ fn isa_paths_agree_on_the_same_weight() {
     }
     eprintln!("ISAs tested on this CPU: {:?}", Isa::available());
 }
+
+/// Whether the int8 (VNNI) kernels can run here; elsewhere `matmul_q8` falls back to the exact path.
+fn cpu_has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Isa::Avx512.is_supported() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `matmul_q8` against the f64 reference. Tolerance: the int8 activations are `x` rounded to a grid of
+/// `s_x = max|x_word|/127`, so each product is off by at most `|w|·s_x/2 ≤ |w|·max|x|/254`; the bound used is
+/// `Σ_c |W[r,c]|·max|x|/254` plus the f32 tolerance of `check` (typical errors are ~30× smaller: rounding errors
+/// are independent and average down over cols, see the printed ratio).
+fn check_q8(what: &str, got: &[f32], want: &(Vec<f64>, Vec<f64>), w: &[f32], x: &[f32], rows: usize, cols: usize) -> f64 {
+    let n = got.len() / rows;
+    let mut worst: f64 = 0.0;
+    for t in 0..n {
+        let xt = &x[t * cols..(t + 1) * cols];
+        let amax = xt.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+        for r in 0..rows {
+            let i = t * rows + r;
+            let wsum: f64 = w[r * cols..(r + 1) * cols].iter().map(|v| v.abs() as f64).sum();
+            let bound = wsum * amax / 254.0;
+            let tol = bound * (1.0 + 1e-5) + 2e-5 * want.1[i] + 1e-30;
+            let err = (got[i] as f64 - want.0[i]).abs();
+            assert!(err <= tol, "{what}: output {i}: got {}, want {}, |diff| {err} > tol {tol}", got[i], want.0[i]);
+            if bound > 0.0 {
+                worst = worst.max(err / bound);
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn packed_q8_matches_reference_within_int8_activation_error() {
+    let mut rng = Rng(15);
+    // Shapes where the int8 kernel runs (4 bits; groups of 128/256, one group per row, act-order with groups of
+    // 128; ragged cols; odd rows, rows not a multiple of the 4-row tile) and where it falls back (other bits,
+    // groups of 32/64/96, ragged act-order groups).
+    let cases = [
+        (7, 300, 4u8, 128, false, true),
+        (5, 257, 4, 257, true, true),
+        (6, 1000, 4, 2000, false, true),
+        (9, 1024, 4, 256, false, true),
+        (13, 640, 4, 128, true, true),
+        (3, 129, 4, 128, false, true),
+        (10, 384, 4, 128, false, true),
+        (5, 200, 4, 32, false, false),
+        (5, 200, 4, 96, true, false),
+        (4, 300, 8, 128, false, false),
+        (4, 300, 2, 128, false, false),
+    ];
+    let mut worst: f64 = 0.0;
+    for &(rows, cols, bits, group, sym, fast) in &cases {
+        for act_order in [false, true] {
+            let q = Quant::random(&mut rng, rows, cols, bits, group, sym, act_order);
+            let w = PackedWeight::new(q.parts()).unwrap();
+            // Act-order keeps groups contiguous in stream order, so it changes nothing here.
+            assert_eq!(w.q8_supported(), fast && cpu_has_vnni(), "q8 kernel for {rows}x{cols} b{bits} g{group}");
+            let dense = q.parts().dequantize();
+            for n in [1usize, 2] {
+                let x = activations(&mut rng, n, cols);
+                let want = reference(&dense, rows, cols, &x, n);
+                let mut y = vec![f32::NAN; n * rows];
+                w.matmul_q8(&x, n, &mut y);
+                let what = format!("q8 {rows}x{cols} b{bits} g{group} sym={sym} act_order={act_order} n={n}");
+                worst = worst.max(check_q8(&what, &y, &want, &dense, &x, rows, cols));
+                let mut y2 = vec![f32::NAN; n * rows];
+                Weight::Packed(w.clone()).matmul_q8(&x, n, &mut y2);
+                assert_eq!(y, y2, "{what}: Weight::matmul_q8");
+            }
+        }
+    }
+    eprintln!("q8: worst error / bound = {worst:.3}");
+}
+
+#[test]
+fn packed_q8_large_parallel_and_outliers() {
+    let mut rng = Rng(16);
+    let (rows, cols) = (600, 4096);
+    let q = Quant::random(&mut rng, rows, cols, 4, 128, false, false);
+    let w = PackedWeight::new(q.parts()).unwrap();
+    let dense = q.parts().dequantize();
+    for outliers in [false, true] {
+        let mut x = activations(&mut rng, 1, cols);
+        if outliers {
+            // A few large activations, as LLM hidden states have: they coarsen the grid of their own 128 columns.
+            x[5] = 40.0;
+            x[3000] = -25.0;
+        }
+        let want = reference(&dense, rows, cols, &x, 1);
+        let mut y = vec![f32::NAN; rows];
+        w.matmul_q8(&x, 1, &mut y);
+        check_q8("q8 600x4096", &y, &want, &dense, &x, rows, cols);
+        // Typical relative error on this data (uniform x, random codes: |y| has heavy cancellation).
+        let rel = y.iter().zip(&want.0).map(|(&g, &r)| (g as f64 - r).abs()).sum::<f64>()
+            / want.0.iter().map(|r| r.abs()).sum::<f64>();
+        eprintln!("q8 outliers={outliers}: mean |err| / mean |y| = {rel:.2e}");
+        if !outliers {
+            assert!(rel < 1e-2, "q8 relative error {rel}");
+        }
+    }
+}
+
+#[test]
+fn sparse24_q8_matches_reference_within_int8_activation_error() {
+    let mut rng = Rng(17);
+    // Groups of 128/256 and per-channel (int8 kernel), groups of 32 (falls back); cols ragged w.r.t. 4, 16, 128
+    // and 256; odd rows; a large case that runs on several threads.
+    let cases = [(7, 171, 128), (5, 600, 128), (3, 300, 300), (2, 513, 256), (9, 1000, 32), (1, 4, 4), (1001, 1024, 128)];
+    let mut worst: f64 = 0.0;
+    for &(rows, cols, group) in &cases {
+        for sym in [true, false] {
+            let q = Quant::random(&mut rng, rows, cols, 4, group, sym, false);
+            let mask = mask24(&mut rng, rows, cols);
+            let w = Sparse24Weight::from_quantized(q.parts(), &mask).unwrap();
+            let fast = group % 128 == 0 || group >= cols;
+            assert_eq!(w.q8_supported(), fast && cpu_has_vnni(), "2:4 q8 kernel for {rows}x{cols} g{group}");
+            let dense = w.to_dense();
+            for n in [1usize, 2] {
+                let mut x = activations(&mut rng, n, cols);
+                if cols > 200 {
+                    x[cols / 2] = 30.0; // an outlier: coarser grid for its 128 columns only
+                }
+                let want = reference(&dense, rows, cols, &x, n);
+                let mut y = vec![f32::NAN; n * rows];
+                w.matmul_q8(&x, n, &mut y);
+                let what = format!("sparse24 q8 {rows}x{cols} g{group} sym={sym} n={n}");
+                worst = worst.max(check_q8(&what, &y, &want, &dense, &x, rows, cols));
+            }
+        }
+    }
+    eprintln!("sparse24 q8: worst error / bound = {worst:.3}");
+}

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use std::time::Instant;
 use whittle_core::model::{KvCache, Scratch};
 use whittle_core::runtime::{pack_model, weight_bytes};
-use whittle_kernels::{bench_gemv, measure_stream_read_gbps, GemvShape};
+use whittle_kernels::{bench_gemv_q8, measure_stream_read_gbps, GemvShape};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -58,6 +58,12 @@ pub struct DecodeArgs {
 pub struct LayerArgs {
     #[arg(long)]
     pub threads: Option<usize>,
+    /// 16 for the f16 layer, or 2/3/4/8 for the same layer packed with groups of 128 (random codes).
+    #[arg(long, default_value_t = 16)]
+    pub bits: u8,
+    /// With --bits < 16: int8 activations with VNNI (`matmul_q8`, llama.cpp-style).
+    #[arg(long)]
+    pub q8: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -74,6 +80,9 @@ pub struct GemvArgs {
     pub group: usize,
     #[arg(long)]
     pub sparse24: bool,
+    /// int8 activations with VNNI (llama.cpp-style `matmul_q8`; approximate, not the runtime default).
+    #[arg(long)]
+    pub q8: bool,
     #[arg(long)]
     pub threads: Option<usize>,
     #[arg(long)]
@@ -165,8 +174,34 @@ fn layer(a: LayerArgs) -> Result<()> {
             .collect();
         Weight::Dense(DenseWeight::from_bytes(rows, cols, DType::F16, SharedBytes::from_vec(bytes)))
     };
+    let packed = |rows: usize, cols: usize, seed: u64| -> Result<Weight> {
+        let mut s = seed;
+        let codes: Vec<u8> = (0..rows * cols)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) % (1 << a.bits)) as u8
+            })
+            .collect();
+        let groups = rows * cols.div_ceil(128);
+        let parts = whittle_kernels::packed::QuantParts {
+            rows,
+            cols,
+            bits: a.bits,
+            group_size: 128,
+            codes: &codes,
+            scales: &vec![0.01; groups],
+            zeros: &vec![1 << (a.bits - 1); groups],
+            g_idx: None,
+        };
+        Ok(Weight::Packed(whittle_kernels::PackedWeight::new(parts).map_err(|e| anyhow::anyhow!("{e}"))?))
+    };
     let shapes = [(d, d), (d, d), (d, d), (d, d), (im, d), (im, d), (d, im)];
-    let weights: Vec<Weight> = shapes.iter().enumerate().map(|(i, &(r, c))| mk(r, c, i as u64 + 1)).collect();
+    let weights: Vec<Weight> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(r, c))| if a.bits >= 16 { Ok(mk(r, c, i as u64 + 1)) } else { packed(r, c, i as u64 + 1) })
+        .collect::<Result<_>>()?;
+    let label = if a.bits >= 16 { "f16".to_string() } else { format!("int{} g128{}", a.bits, if a.q8 { " q8" } else { "" }) };
     let bytes: usize = weights.iter().map(|w| w.resident_bytes()).sum();
     let threads = pool.current_num_threads();
     let (stream, per_token) = pool.install(|| {
@@ -177,7 +212,11 @@ fn layer(a: LayerArgs) -> Result<()> {
         for _ in 0..5 {
             let t = Instant::now();
             for w in &weights {
-                w.matmul(&x[..w.cols()], 1, &mut y[..w.rows()]);
+                if a.q8 {
+                    w.matmul_q8(&x[..w.cols()], 1, &mut y[..w.rows()]);
+                } else {
+                    w.matmul(&x[..w.cols()], 1, &mut y[..w.rows()]);
+                }
             }
             best = best.min(t.elapsed().as_secs_f64());
         }
@@ -185,9 +224,9 @@ fn layer(a: LayerArgs) -> Result<()> {
     });
     let bound = bytes as f64 / (stream * 1e9);
     if a.json {
-        println!("{}", serde_json::json!({"seconds_per_token": per_token, "bytes": bytes, "stream_gbps": stream, "bound_seconds": bound, "fraction_of_bound": bound / per_token, "threads": threads}));
+        println!("{}", serde_json::json!({"weights": label, "seconds_per_token": per_token, "bytes": bytes, "stream_gbps": stream, "bound_seconds": bound, "fraction_of_bound": bound / per_token, "threads": threads}));
     } else {
-        println!("7b layer (f16, {:.0} MB): {:.2} ms/token, bound {:.2} ms at {:.1} GB/s stream: {:.0}% of the bound ({threads} threads)", bytes as f64 / 1e6, per_token * 1e3, bound * 1e3, stream, 100.0 * bound / per_token);
+        println!("7b layer ({label}, {:.0} MB): {:.2} ms/token, bound {:.2} ms at {:.1} GB/s stream: {:.0}% of the bound ({threads} threads)", bytes as f64 / 1e6, per_token * 1e3, bound * 1e3, stream, 100.0 * bound / per_token);
     }
     Ok(())
 }
@@ -196,7 +235,7 @@ fn gemv(a: GemvArgs) -> Result<()> {
     let (r, c) = a.shape.split_once('x').ok_or_else(|| anyhow::anyhow!("--shape must be ROWSxCOLS, e.g. 4096x11008"))?;
     let shape = GemvShape { rows: r.parse()?, cols: c.parse()? };
     let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let rep = bench_gemv(shape, a.bits, a.group, a.sparse24, threads)?;
+    let rep = bench_gemv_q8(shape, a.bits, a.group, a.sparse24, threads, a.q8)?;
     if a.json {
         println!(
             "{}",

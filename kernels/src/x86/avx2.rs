@@ -4,7 +4,7 @@
 use crate::cpu::{token_tiles, Isa, OutRows, Scratch, ROW_SCRATCH};
 use crate::dense::{DType, DenseWeight};
 use crate::packed::PackedWeight;
-use crate::sparse24::Sparse24Weight;
+use crate::sparse24::{pos_shift, Sparse24Weight};
 use core::arch::x86_64::*;
 use half::f16;
 
@@ -350,7 +350,7 @@ unsafe fn sparse_tile<const K: u8, const T: usize, const A: usize>(
         let fm = if K == SP_Q4 { w.flush[b] } else { 0 };
         let xo = b * BLOCK_COLS;
         unroll16!(W => {
-            let (i0, i1) = (_mm256_srli_epi32::<{ 2 * W as i32 }>(pos0), _mm256_srli_epi32::<{ 2 * W as i32 }>(pos1));
+            let (i0, i1) = (_mm256_srli_epi32::<{ pos_shift(W) as i32 }>(pos0), _mm256_srli_epi32::<{ pos_shift(W) as i32 }>(pos1));
             let (v0, v1) = unsafe {
                 if K == SP_Q4 {
                     let cw = base.add(16 + (W / 8) * 16);

@@ -4,7 +4,7 @@
 
 use crate::cpu::{token_tiles, Isa, OutRows, Scratch, ROW_SCRATCH};
 use crate::packed::PackedWeight;
-use crate::sparse24::Sparse24Weight;
+use crate::sparse24::{pos_shift, Sparse24Weight};
 use crate::x86::avx2::{dot, sparse_pair_coeffs, zero_coeffs, SP_F16, SP_F32, SP_Q4};
 use core::arch::x86_64::*;
 
@@ -324,7 +324,7 @@ unsafe fn sparse_tile<const K: u8, const T: usize, const A: usize>(
         let xo = b * BLOCK_COLS;
         unroll16!(W => {
             // vpermilps only reads bits 1:0 of each index, so the shifted position word needs no mask.
-            let idx = _mm512_srli_epi32::<{ 2 * W as u32 }>(pos);
+            let idx = _mm512_srli_epi32::<{ pos_shift(W) }>(pos);
             let v = unsafe {
                 if K == SP_Q4 {
                     let cw = if W < 8 { cw0 } else { cw1 };

@@ -42,6 +42,93 @@ pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::absurd_extreme_comparisons, clippy::needless_range_loop)]
 pub(crate) mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vnni;
+
+/// Whether this CPU runs the int4 × int8 VNNI kernels (AVX-512F + AVX-512 VNNI).
+pub(crate) fn q8_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        vnni::supported()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU runs the 2:4 q8 kernel.
+pub(crate) fn q8_sparse_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        vnni::sparse_supported()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// See `vnni::quantize_act_sparse`.
+pub(crate) fn quantize_sparse_q8(x: &[f32], cols: usize, blocks: usize, xq: &mut [u32], sxh: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    vnni::quantize_act_sparse(x, cols, blocks, xq, sxh);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, cols, blocks, xq, sxh);
+        unreachable!("q8_sparse_supported() is false on this architecture")
+    }
+}
+
+/// Row pairs `p0..p1` of a single-token 2:4 q8 GEMV. Callers checked `q8_sparse_supported()`.
+pub(crate) fn sparse_pairs_q8(w: &Sparse24Weight, xq: &[u32], sxh: &[f32], p0: usize, p1: usize, out: OutRows) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(q8_sparse_supported() && p1 <= w.rows.div_ceil(2));
+        // SAFETY: CPU support asserted; lengths asserted inside.
+        unsafe { vnni::sparse_pairs_q8(w, xq, sxh, p0, p1, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, xq, sxh, p0, p1, out);
+        unreachable!("q8_sparse_supported() is false on this architecture")
+    }
+}
+
+/// A task over rows `r0..r1` writing through `OutRows`, as `cpu::for_row_blocks` runs it.
+pub(crate) type RowTask<'a> = dyn Fn(usize, usize, OutRows) + Sync + 'a;
+
+/// One token of a q8 GEMV (see `vnni`): quantizes `xp` into `q8` scratch, then runs rows in parallel via `rows`.
+/// Returns false (doing nothing) when the CPU lacks VNNI.
+pub(crate) fn packed_q8(
+    w: &PackedWeight,
+    xp: &[f32],
+    q8: &mut [f32],
+    run: &mut dyn FnMut(&RowTask<'_>),
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !q8_supported() {
+            return false;
+        }
+        let l = &*w.layout;
+        let (nw, ng) = (l.words, l.group_slices.len());
+        let (xq, rest) = q8.split_at_mut(nw * 32);
+        let (sxw, xhat) = rest.split_at_mut(nw);
+        let xq: &mut [u32] = bytemuck::cast_slice_mut(xq);
+        // SAFETY: VNNI/AVX-512 support checked above; lengths asserted inside.
+        unsafe { vnni::quantize_act(w, xp, xq, sxw, &mut xhat[..ng]) };
+        let (xq, sxw, xhat) = (&*xq, &*sxw, &xhat[..ng]);
+        // SAFETY: as above.
+        run(&|r0, r1, out| unsafe { vnni::packed_rows_q8(w, xq, sxw, xhat, r0, r1, out) });
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, xp, q8, run);
+        false
+    }
+}
 
 /// Widens f16 to f32 (F16C when `isa` has it).
 pub(crate) fn widen_f16(isa: Isa, src: &[f16], out: &mut [f32]) {

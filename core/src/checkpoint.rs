@@ -10,6 +10,7 @@
 use crate::compress::QuantizedLinear;
 use crate::compress_model::{Checkpoint, CompressedWeight, FinishedLayer, LayerResult};
 use crate::error::{Result, WhittleError};
+use crate::export::atomic::write_atomic_file;
 use crate::export::import::kernel_weight;
 use crate::model::{Model, LINEAR_KINDS};
 use crate::plan::ResolvedPlan;
@@ -45,7 +46,7 @@ impl CheckpointDir {
             }
         } else {
             std::fs::create_dir_all(dir).map_err(|e| WhittleError::io(dir, e))?;
-            write_atomic(&key_path, serde_json::to_string_pretty(key).expect("JSON value").as_bytes())?;
+            write_atomic_file(&key_path, serde_json::to_string_pretty(key).expect("JSON value").as_bytes())?;
         }
         Ok(Self { dir: dir.to_path_buf(), release })
     }
@@ -134,7 +135,7 @@ impl Checkpoint for CheckpointDir {
 
     fn save(&mut self, layer: &FinishedLayer) -> Result<()> {
         let path = self.layer_path(layer.layer);
-        write_atomic(&path, &encode(layer))
+        write_atomic_file(&path, &encode(layer))
     }
 
     fn release(&mut self, layer: usize) {
@@ -142,23 +143,6 @@ impl Checkpoint for CheckpointDir {
             r(layer);
         }
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so `path` is complete or
-/// absent.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        WhittleError::io(path, e)
-    })
 }
 
 fn kind_name(k: usize) -> &'static str {

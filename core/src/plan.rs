@@ -178,6 +178,11 @@ impl Plan {
         toml::to_string_pretty(self).expect("plans serialize to TOML")
     }
 
+    /// Writes the plan as TOML to `path` through a temporary file, so a reader (or a crash) never sees half a plan.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::export::atomic::write_atomic_file(path, self.to_toml().as_bytes())
+    }
+
     /// One rule for every module.
     pub fn uniform(rule: Rule) -> Self {
         Plan { rules: vec![Rule { modules: "*".into(), ..rule }], ..Default::default() }

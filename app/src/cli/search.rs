@@ -6,7 +6,7 @@ use super::plan_args::CalibArgs;
 use super::progress;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use whittle_core::eval::read_text;
 use whittle_core::model::source::DEFAULT_CALIBRATION_TEXT;
 use whittle_core::plan::Plan;
@@ -187,14 +187,6 @@ impl SearchArgs {
     }
 }
 
-/// Writes a plan through a temporary file, so a reader never sees half a plan.
-fn write_plan(path: &Path, plan: &Plan) -> Result<()> {
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, plan.to_toml()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
 fn scored_json(space: &SearchSpace, s: &Scored, plan: &Plan) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "avg_bits": space.code_bits(&s.levels),
@@ -366,7 +358,7 @@ pub fn run(a: SearchArgs) -> Result<()> {
                         "EvoPress search in progress: generation {} of {}, KL {:.6}",
                         g.generation, g.generations, g.best_fitness
                     ));
-                    if let Err(e) = write_plan(&a.out, &plan) {
+                    if let Err(e) = plan.save(&a.out) {
                         write_err.get_or_insert(e);
                     }
                 }
@@ -377,14 +369,14 @@ pub fn run(a: SearchArgs) -> Result<()> {
     .context("search failed")?;
     gen_bar.finish_and_clear();
     if let Some(e) = write_err {
-        return Err(e);
+        return Err(e.into());
     }
-    write_plan(&a.out, &out.plan())?;
+    out.plan().save(&a.out)?;
     if let Some(p) = &a.uniform_out {
-        write_plan(p, &out.uniform_plan())?;
+        out.uniform_plan().save(p)?;
     }
     if let Some(p) = &a.dp_out {
-        write_plan(p, &out.dp_plan())?;
+        out.dp_plan().save(p)?;
     }
     report(&a, &out)
 }

@@ -169,18 +169,23 @@ impl PlanEditor {
 
     /// Writes the rows as `dir/<name>.toml`, naming the plan `name`.
     pub fn save(&mut self, dir: &Path, name: &str) -> Result<PathBuf, String> {
-        let name = name.trim();
-        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-            return Err(format!("preset name `{name}`: use letters, digits, `-`, `+` or `_`"));
-        }
-        let mut plan = self.to_plan();
-        plan.name = Some(name.to_string());
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let path = dir.join(format!("{name}.toml"));
-        std::fs::write(&path, plan.to_toml()).map_err(|e| format!("{}: {e}", path.display()))?;
-        self.preset = Some(name.to_string());
+        let path = save_preset(dir, name, self.to_plan())?;
+        self.preset = Some(name.trim().to_string());
         Ok(path)
     }
+}
+
+/// Saves `plan` as the preset `dir/<name>.toml` (atomically, see `Plan::save`), naming the plan `name`.
+pub fn save_preset(dir: &Path, name: &str, mut plan: Plan) -> Result<PathBuf, String> {
+    let name = name.trim();
+    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(format!("preset name `{name}`: use letters, digits, `-`, `+` or `_`"));
+    }
+    plan.name = Some(name.to_string());
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = dir.join(format!("{name}.toml"));
+    plan.save(&path).map_err(|e| e.to_string())?;
+    Ok(path)
 }
 
 fn block_of(name: &str) -> Option<usize> {

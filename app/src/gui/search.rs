@@ -6,11 +6,11 @@
 //! generations and selection stages.
 
 use super::jobs::{Ended, Job, Sink};
+use super::plan_edit::save_preset;
 use super::state::AppState;
 use super::work::JobError;
 use crate::cli::search::parse_selection;
 use eframe::egui;
-use std::path::Path;
 use std::sync::Arc;
 use whittle_core::calib::CalibSettings;
 use whittle_core::eval::read_text;
@@ -332,28 +332,12 @@ impl AppState {
 
     /// Writes the best allocation as `<presets>/<name>.toml`.
     pub fn save_search_plan(&mut self) {
-        let Some(mut plan) = self.search.best_plan() else { return };
-        let name = self.search.save_name.trim().to_string();
-        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-            self.error(format!("Preset name `{name}`: use letters, digits, `-`, `+` or `_`"));
-            return;
-        }
-        plan.name = Some(name.clone());
-        match write_plan(&self.presets_dir, &name, &plan) {
+        let Some(plan) = self.search.best_plan() else { return };
+        match save_preset(&self.presets_dir, &self.search.save_name, plan) {
             Ok(path) => self.status = format!("Saved the searched plan to {}", path.display()),
             Err(e) => self.error(format!("Cannot save the searched plan: {e}")),
         }
     }
-}
-
-/// Writes through a temporary file, so a reader never sees half a plan.
-fn write_plan(dir: &Path, name: &str, plan: &Plan) -> Result<std::path::PathBuf, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let path = dir.join(format!("{name}.toml"));
-    let tmp = dir.join(format!(".{name}.toml.tmp"));
-    std::fs::write(&tmp, plan.to_toml()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(path)
 }
 
 #[cfg(test)]

@@ -112,6 +112,25 @@ pub fn write_atomic_dir<T>(target: &Path, force: bool, write: impl FnOnce(&Path)
     Ok((dir.commit()?, value))
 }
 
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so `path` is complete or
+/// absent.
+pub fn write_atomic_file(path: &Path, bytes: &[u8]) -> crate::error::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        crate::error::WhittleError::io(path, e)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

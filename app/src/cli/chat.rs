@@ -7,6 +7,7 @@
 //! one message and exits, for scripts and tests.
 
 use super::plan_args::{resolve, run_compression, CalibArgs, PlanArgs};
+use super::sampling::{SamplingArgs, SamplingDefaults};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::io::{BufRead, Write};
@@ -30,15 +31,9 @@ pub struct ChatArgs {
     /// Most tokens per reply.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
-    /// Always take the most likely token (default: sampling at --temperature 0.7, --top-p 0.9).
-    #[arg(long, conflicts_with_all = ["temperature", "top_p", "seed"])]
-    pub greedy: bool,
-    #[arg(long)]
-    pub temperature: Option<f32>,
-    #[arg(long)]
-    pub top_p: Option<f32>,
-    #[arg(long)]
-    pub seed: Option<u64>,
+    /// Sampling (default: --temperature 0.7, --top-p 0.9).
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Answer this one message and exit (no interactive loop).
     #[arg(long)]
     pub prompt: Option<String>,
@@ -46,17 +41,7 @@ pub struct ChatArgs {
 
 impl ChatArgs {
     fn sampling(&self) -> Result<Sampling> {
-        if self.greedy {
-            return Ok(Sampling::Greedy);
-        }
-        let temperature = self.temperature.unwrap_or(0.7);
-        let top_p = self.top_p.unwrap_or(0.9);
-        // Written so that NaN fails the check too.
-        let valid = temperature >= 0.0 && top_p > 0.0 && top_p <= 1.0;
-        if !valid {
-            bail!("--temperature must be ≥ 0 and --top-p in (0, 1]");
-        }
-        Ok(Sampling::TopP { temperature, top_p, seed: self.seed.unwrap_or(0) })
+        self.sampling.to_sampling(&SamplingDefaults { sample: true, temperature: 0.7, top_p: 0.9 })
     }
 }
 

@@ -3,7 +3,8 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use std::io::Write;
-use whittle_core::model::generate::{generate, GenerateOptions, Sampling};
+use super::sampling::{SamplingArgs, SamplingDefaults};
+use whittle_core::model::generate::{generate, GenerateOptions};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -14,32 +15,16 @@ pub struct GenerateArgs {
     pub prompt: String,
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
-    /// Always take the most likely token (the default unless --temperature is given).
-    #[arg(long, conflicts_with_all = ["temperature", "top_p", "seed"])]
-    pub greedy: bool,
-    #[arg(long)]
-    pub temperature: Option<f32>,
-    #[arg(long)]
-    pub top_p: Option<f32>,
-    #[arg(long)]
-    pub seed: Option<u64>,
+    /// Sampling (default: the most likely token unless --temperature or --top-p is given).
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let loaded = super::load(a.model.as_deref())?;
-    let sampling = if a.greedy || a.temperature.is_none() && a.top_p.is_none() {
-        Sampling::Greedy
-    } else {
-        let temperature = a.temperature.unwrap_or(1.0);
-        let top_p = a.top_p.unwrap_or(1.0);
-        // Written so that NaN fails both checks.
-        if temperature.is_nan() || temperature < 0.0 || !(top_p > 0.0 && top_p <= 1.0) {
-            bail!("--temperature must be ≥ 0 and --top-p in (0, 1]");
-        }
-        Sampling::TopP { temperature, top_p, seed: a.seed.unwrap_or(0) }
-    };
+    let sampling = a.sampling.to_sampling(&SamplingDefaults { sample: false, temperature: 1.0, top_p: 1.0 })?;
     let mut prompt: Vec<u32> = loaded.bos_id().into_iter().collect();
     prompt.extend(loaded.tokenizer.encode(&a.prompt)?);
     if prompt.is_empty() {

@@ -7,6 +7,7 @@ mod compress;
 mod eval;
 mod export;
 mod generate;
+mod sampling;
 pub mod plan_args;
 pub mod progress;
 pub(crate) mod search;

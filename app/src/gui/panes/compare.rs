@@ -4,12 +4,13 @@
 //! produced it, so changing the text or window never leaves stale numbers on screen.
 
 use crate::gui::format;
+use crate::gui::panes::plots::named_bars;
 use crate::gui::panes::Tab;
 use crate::gui::shortcuts;
 use crate::gui::state::{AppState, JobKind, Variant};
 use crate::gui::work::{EvalKey, Pick};
 use eframe::egui::{self, RichText};
-use egui_plot::{Bar, BarChart, Corner, Legend, Plot};
+use egui_plot::{Bar, Corner, Legend, Plot};
 
 #[derive(Default)]
 pub struct ComparePane;
@@ -159,7 +160,7 @@ fn side_by_side(ui: &mut egui::Ui, state: &AppState, key: &EvalKey) {
                 Some(Bar::new(i as f64 + offset, l.rel_error).width(0.4).fill(color.gamma_multiply(0.75)).name(format!("{}: {}\nrel. error {}", v.name, l.name, format::error(l.rel_error))))
             })
             .collect();
-        BarChart::new(label, bars).color(color).element_formatter(Box::new(|b: &Bar, _: &BarChart| b.name.clone()))
+        named_bars(label, color, bars)
     };
     let ca = series(a, -0.2, egui::Color32::from_rgb(0x4e, 0x9a, 0xf0), format!("A: {}", a.name));
     let cb = series(b, 0.2, egui::Color32::from_rgb(0xe8, 0x80, 0x40), format!("B: {}", b.name));

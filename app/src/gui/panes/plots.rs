@@ -101,13 +101,23 @@ fn allocations(ui: &mut egui::Ui, resolved: Option<&ResolvedPlan>, sparse: bool,
 }
 
 /// The x axis of the per-block plots: labelled at every block even when a plot is narrow.
-pub(crate) fn block_axis() -> Vec<egui_plot::AxisHints<'static>> {
+fn block_axis() -> Vec<egui_plot::AxisHints<'static>> {
     vec![egui_plot::AxisHints::new_x().label("decoder block").label_spacing(14.0..=20.0)]
 }
 
 /// One x tick per decoder block.
-pub(crate) fn block_ticks() -> impl Fn(egui_plot::GridInput) -> Vec<egui_plot::GridMark> {
+fn block_ticks() -> impl Fn(egui_plot::GridInput) -> Vec<egui_plot::GridMark> {
     egui_plot::uniform_grid_spacer(|_| [1.0, 5.0, 10.0])
+}
+
+/// A plot with one x tick per decoder block, as every per-layer chart has.
+pub(crate) fn block_plot(id: &str, height: f32) -> Plot<'static> {
+    Plot::new(id).height(height).custom_x_axes(block_axis()).x_grid_spacer(block_ticks()).y_axis_min_width(44.0).allow_scroll(false)
+}
+
+/// Bars in `color` under `label`, each showing its own name on hover.
+pub(crate) fn named_bars(label: impl Into<String>, color: egui::Color32, bars: Vec<Bar>) -> BarChart {
+    BarChart::new(label, bars).color(color).element_formatter(Box::new(|b: &Bar, _: &BarChart| b.name.clone()))
 }
 
 /// Where a module's bar goes: its block, offset by its kind so a block's modules sit side by side.
@@ -174,31 +184,19 @@ fn error_bars(ui: &mut egui::Ui, layers: &[LayerResult], log: bool, height: f32)
     let charts: Vec<BarChart> = per_kind
         .into_iter()
         .map(|(kind, bars)| {
-            BarChart::new(kind, bars)
-                .color(kind_color(kind))
-                .element_formatter(Box::new(|bar: &Bar, _: &BarChart| bar.name.clone()))
+            named_bars(kind, kind_color(kind), bars)
         })
         .collect();
-    Plot::new("error_bars")
-        .height(height.max(80.0))
-        .custom_x_axes(block_axis())
-        .x_grid_spacer(block_ticks())
+    block_plot("error_bars", height.max(80.0))
         .y_axis_formatter(move |m, _| y_label(m.value, log))
-        .y_axis_min_width(44.0)
-        .allow_scroll(false)
         .show(ui, |p| charts.into_iter().for_each(|c| p.bar_chart(c)));
     count
 }
 
 fn error_vs_depth(ui: &mut egui::Ui, layers: &[LayerResult], log: bool, height: f32) {
     let kinds = kinds_of(layers.iter().map(|l| l.name.as_str()));
-    Plot::new("error_depth")
-        .height(height.max(80.0))
-        .custom_x_axes(block_axis())
-        .x_grid_spacer(block_ticks())
+    block_plot("error_depth", height.max(80.0))
         .y_axis_formatter(move |m, _| y_label(m.value, log))
-        .y_axis_min_width(44.0)
-        .allow_scroll(false)
         .label_formatter(move |hp| match hp {
             egui_plot::HoverPosition::NearDataPoint { plot_name, position, .. } => {
                 let e = if log { 10f64.powf(position.y) } else { position.y };
@@ -252,21 +250,14 @@ fn allocation(ui: &mut egui::Ui, plan: Option<&ResolvedPlan>, what: Allocation, 
                         .name(format!("{}\n{v:.2}{unit}", m.name))
                 })
                 .collect();
-            BarChart::new(kind, bars)
-                .color(kind_color(kind))
-                .element_formatter(Box::new(|bar: &Bar, _: &BarChart| bar.name.clone()))
+            named_bars(kind, kind_color(kind), bars)
         })
         .collect();
     let id = if what == Allocation::Bits { "alloc_bits" } else { "alloc_sparsity" };
     let top = if what == Allocation::Bits { plan.modules.iter().map(|m| m.bits_per_weight).fold(0.0, f64::max) } else { 100.0 };
-    Plot::new(id)
-        .height(height.max(60.0))
+    block_plot(id, height.max(60.0))
         .include_y(0.0)
         .include_y(top)
-        .custom_x_axes(block_axis())
-        .x_grid_spacer(block_ticks())
-        .y_axis_min_width(44.0)
-        .allow_scroll(false)
         .show(ui, |p| charts.into_iter().for_each(|c| p.bar_chart(c)));
 }
 

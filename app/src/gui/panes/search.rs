@@ -4,7 +4,7 @@
 //! every generation. "Use this plan" puts the allocation into the plan table, from where Compress and Compare
 //! take it as any other plan.
 
-use crate::gui::panes::plots::{block_axis, block_of, block_ticks, position};
+use crate::gui::panes::plots::{block_of, block_plot, named_bars, position};
 use crate::gui::panes::{kind_color, kind_legend, kinds_of, short_kind, Tab};
 use crate::gui::state::AppState;
 use eframe::egui::{self, RichText};
@@ -193,17 +193,12 @@ fn allocation(ui: &mut egui::Ui, state: &AppState, height: f32) {
                         .name(format!("{n}\n{}", level.label))
                 })
                 .collect();
-            BarChart::new(kind, bars).color(kind_color(kind)).element_formatter(Box::new(|b: &Bar, _: &BarChart| b.name.clone()))
+            named_bars(kind, kind_color(kind), bars)
         })
         .collect();
     let top = if sparsity { 100.0 } else { space.ladder.levels.iter().filter_map(|l| l.bits()).max().map_or(space.dense_bits, f64::from) };
-    Plot::new("search_allocation")
-        .height(height - 24.0)
+    block_plot("search_allocation", height - 24.0)
         .include_y(0.0)
         .include_y(top)
-        .custom_x_axes(block_axis())
-        .x_grid_spacer(block_ticks())
-        .y_axis_min_width(44.0)
-        .allow_scroll(false)
         .show(ui, |p| charts.into_iter().for_each(|c| p.bar_chart(c)));
 }

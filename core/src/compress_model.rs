@@ -5,7 +5,7 @@
 //! plots them), and the job is cancellable between stages and inside long layers.
 
 use crate::calib::{collect_hessian, collect_hessian_and_cross, run_block_with, slots_of, AttnCache};
-use crate::compress::error_feedback::shifted_target;
+use crate::compress::error_feedback::{cross_product, shift_by};
 use crate::compress::Method;
 use crate::compress::{compress_layer, relative_error, CompressError, Matrix, QuantizedLinear};
 use crate::error::{Result, WhittleError};
@@ -170,14 +170,14 @@ pub fn compress_model_with(
             }
             on_event(CompressEvent::Stage { layer: l, stage, done: layers.len(), total });
             let cols = model.blocks[l].linears[kinds[0]].weight.cols();
-            let (h, cross) = if feedback {
+            let (h, mut cross) = if feedback {
                 let attn = slots_of(&mut attn_q).zip(slots_of(&mut attn_d));
                 let (h, d) = collect_hessian_and_cross(model, l, &mut xs, &mut xs_dense, &dense_blocks[l], attn, site, cols)?;
                 (h, Some(d))
             } else {
                 (collect_hessian(model, l, &mut xs, slots_of(&mut attn_q), site, cols)?, None)
             };
-            for &k in kinds {
+            for (i, &k) in kinds.iter().enumerate() {
                 let name = Model::module_name(l, LINEAR_KINDS[k]);
                 let mp = by_name
                     .get(name.as_str())
@@ -211,8 +211,15 @@ pub fn compress_model_with(
                     e => WhittleError::Invalid(format!("{name}: {e}")),
                 };
                 // Hessian-based methods compress the error-feedback target; the baselines round the weights as they are.
-                let w = match (&cross, job.method) {
-                    (Some(d), Method::Gptq | Method::SparseGpt | Method::Obc) => shifted_target(&original, d, &h, job.damp).map_err(to_err)?,
+                let w = match (cross.as_ref(), job.method) {
+                    (Some(d), Method::Gptq | Method::SparseGpt | Method::Obc) => {
+                        let a = cross_product(&original, d);
+                        // The stage's last linear frees D (c×c f64, 0.97 GB on a 7b down_proj) before the solve.
+                        if i + 1 == kinds.len() {
+                            cross = None;
+                        }
+                        shift_by(&original, a, &h, job.damp).map_err(to_err)?
+                    }
                     _ => original,
                 };
                 let c = compress_layer(job, &w, &h, &|| cancelled()).map_err(to_err)?;

@@ -2,13 +2,15 @@
 //! directly (int2/3/4/8 with group scales, 2:4 sparse with f16 or 4-bit values), so chat and decode benchmarks use
 //! the stored bits, never full float matrices. Layers a kernel layout cannot hold stay dense, and are reported.
 
-use crate::compress::QuantizedLinear;
+use crate::compress::{compress_data_free, Matrix, Method, QuantizedLinear};
 use crate::compress_model::weight_f32;
+use crate::error::{Result, WhittleError};
+use crate::plan::{ModulePlan, ResolvedPlan};
 use crate::model::{Model, LINEAR_KINDS};
 use std::collections::BTreeMap;
 use whittle_kernels::packed::QuantParts;
 use whittle_kernels::sparse24::{Sparse24Values, Sparse24Weight};
-use whittle_kernels::{PackedWeight, Weight};
+use whittle_kernels::{DenseWeight, PackedWeight, Weight};
 
 /// What `pack_model` did with each linear.
 #[derive(Clone, Debug, Default)]
@@ -46,36 +48,98 @@ pub fn pack_model(model: &mut Model, quantized: &BTreeMap<String, QuantizedLinea
         for (k, kind) in LINEAR_KINDS.iter().enumerate() {
             let name = Model::module_name(l, kind);
             let lin = &mut model.blocks[l].linears[k];
-            let (rows, cols) = (lin.weight.rows(), lin.weight.cols());
-            let packed = match quantized.get(&name) {
-                Some(q) if q.mask.is_some() => {
-                    let mask = q.mask.as_ref().expect("checked");
-                    Sparse24Weight::from_quantized(parts(q), mask).map(Weight::Sparse24).map_err(|e| e.to_string())
-                }
-                Some(q) => PackedWeight::new(parts(q)).map(Weight::Packed).map_err(|e| e.to_string()),
-                None => {
-                    let Weight::Dense(_) = &lin.weight else { continue };
-                    let w = weight_f32(&lin.weight);
-                    if w.iter().all(|v| *v != 0.0) || !is_two_of_four(&w, rows, cols) {
-                        continue;
-                    }
-                    Sparse24Weight::new(rows, cols, &w, Sparse24Values::F16).map(Weight::Sparse24).map_err(|e| e.to_string())
-                }
-            };
-            match packed {
-                Ok(w) => {
-                    if matches!(w, Weight::Sparse24(_)) {
-                        report.sparse24 += 1;
-                    } else {
-                        report.packed += 1;
-                    }
-                    lin.weight = w;
-                }
-                Err(e) => report.dense.push((name, e)),
+            if let Some(packed) = packed_form(&lin.weight, quantized.get(&name)) {
+                report.put(name, &mut lin.weight, packed);
             }
         }
     }
     report
+}
+
+/// The packed form of one linear: its integer form when given (2:4 with 4-bit values when it carries a 2:4 keep
+/// mask), else a dense weight with the 2:4 pattern as 2:4 sparse with f16 values; `None` when it stays as it is.
+fn packed_form(weight: &Weight, quantized: Option<&QuantizedLinear>) -> Option<Result<Weight, String>> {
+    let (rows, cols) = (weight.rows(), weight.cols());
+    Some(match quantized {
+        Some(q) => match &q.mask {
+            Some(mask) => Sparse24Weight::from_quantized(parts(q), mask).map(Weight::Sparse24).map_err(|e| e.to_string()),
+            None => PackedWeight::new(parts(q)).map(Weight::Packed).map_err(|e| e.to_string()),
+        },
+        None => {
+            let Weight::Dense(_) = weight else { return None };
+            let w = weight_f32(weight);
+            if w.iter().all(|v| *v != 0.0) || !is_two_of_four(&w, rows, cols) {
+                return None;
+            }
+            Sparse24Weight::new(rows, cols, &w, Sparse24Values::F16).map(Weight::Sparse24).map_err(|e| e.to_string())
+        }
+    })
+}
+
+impl PackReport {
+    /// Puts a packed form in place of `weight`, or records why the linear stays dense.
+    fn put(&mut self, name: String, weight: &mut Weight, packed: Result<Weight, String>) {
+        match packed {
+            Ok(w) => {
+                if matches!(w, Weight::Sparse24(_)) {
+                    self.sparse24 += 1;
+                } else {
+                    self.packed += 1;
+                }
+                *weight = w;
+            }
+            Err(e) => self.dense.push((name, e)),
+        }
+    }
+}
+
+/// Applies a plan of data-free methods only (RTN, magnitude; see `compress::compress_data_free`) at load, linear by
+/// linear, and packs each result at once: memory holds the packed model plus one linear in f32, where
+/// `compress_model` would hold the whole model in f32 and run a calibration pass it does not need. This is how a
+/// 7b-shaped model is quantized for the runtime on a desktop. `release(l)` is called after decoder layer `l`, so
+/// a memory-mapped source can give back the pages of the original weights.
+pub fn pack_data_free(model: &mut Model, plan: &ResolvedPlan, release: &dyn Fn(usize)) -> Result<PackReport> {
+    let by_name: BTreeMap<&str, &ModulePlan> = plan.modules.iter().map(|m| (m.name.as_str(), m)).collect();
+    let mut report = PackReport::default();
+    for l in 0..model.blocks.len() {
+        for (k, kind) in LINEAR_KINDS.iter().enumerate() {
+            let name = Model::module_name(l, kind);
+            let Some(job) = by_name.get(name.as_str()).and_then(|m| m.job.as_ref()) else { continue };
+            let lin = &mut model.blocks[l].linears[k];
+            let w = Matrix::from_vec(lin.weight.rows(), lin.weight.cols(), weight_f32(&lin.weight));
+            let c = compress_data_free(job, &w)
+                .ok_or_else(|| {
+                    WhittleError::Invalid(format!(
+                        "{name}: method {} needs calibration data; only rtn and magnitude plans apply at load",
+                        job.method
+                    ))
+                })?
+                .map_err(|e| WhittleError::Invalid(format!("{name}: {e}")))?;
+            drop(w);
+            let packed = match &c.quant {
+                Some(q) => packed_form(&lin.weight, Some(q)),
+                None => {
+                    let dense = Weight::Dense(DenseWeight::from_f32(c.weight.rows, c.weight.cols, c.weight.data));
+                    let packed = packed_form(&dense, None);
+                    if packed.is_none() {
+                        lin.weight = dense;
+                        report.dense.push((name.clone(), "pruned without a 2:4 pattern: runs dense with zeros".into()));
+                    }
+                    packed
+                }
+            };
+            if let Some(p) = packed {
+                report.put(name, &mut lin.weight, p);
+            }
+        }
+        release(l);
+    }
+    Ok(report)
+}
+
+/// Whether every compressed module of `plan` uses a data-free method, so [`pack_data_free`] can apply it.
+pub fn is_data_free(plan: &ResolvedPlan) -> bool {
+    plan.modules.iter().filter_map(|m| m.job.as_ref()).all(|j| matches!(j.method, Method::Rtn | Method::Magnitude))
 }
 
 /// Bytes of all weights the forward pass reads (linears, embedding, head, norms).

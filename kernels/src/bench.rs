@@ -158,7 +158,8 @@ pub fn bench_weight(shape: GemvShape, bits: u8, group: usize, sparse24: bool) ->
     }
 }
 
-/// Whether `Weight::matmul_q8` runs an int8-activation kernel for `w` on this CPU.
+/// Whether `Weight::matmul_q8` runs an int8-activation kernel for `w` on this CPU (and so `matmul` on one token
+/// the int16 one).
 pub fn q8_kernel_for(w: &Weight) -> bool {
     match w {
         Weight::Packed(p) => p.q8_supported(),
@@ -245,6 +246,9 @@ pub fn bench_gemv_q8(
     };
     if q8_ran {
         kind.push_str(" q8");
+    } else if q8_kernel_for(&w) {
+        // `matmul` on one token runs the int16-activation kernel where the int8 one could run.
+        kind.push_str(" q16");
     }
     Ok(GemvReport {
         seconds,

@@ -23,7 +23,10 @@
 //!
 //! `matmul_q8` runs the same layout llama.cpp-style (int8 activations, AVX-512 VNNI; `x86::vnni`): at 4 bits a lane
 //! word's low nibbles are slices 0, 2, 4, 6 and its high nibbles slices 1, 3, 5, 7, so one AND (or shift + AND)
-//! yields 64 u8 codes for `vpdpbusd`, with the activations laid out to match once per call.
+//! yields 64 u8 codes for `vpdpbusd`, with the activations laid out to match once per call. `matmul_q16` does the
+//! same with int16 activations and `vpdpwssd` (a shift and an AND of `0x000F000F` give slices k and k+4 as a u16
+//! pair): 258× less activation rounding than int8, well inside the runtime's 1e-3 acceptance, and still
+//! memory-bound, so it is what `matmul` runs on one token (decode) on CPUs with AVX-512 VNNI.
 
 use crate::cpu::{self, Isa, OutRows, Scratch, ACT_SCRATCH};
 use crate::KernelError;
@@ -354,11 +357,16 @@ impl PackedWeight {
         self.words.len() * 4 + self.scales.bytes() + self.zeros.len()
     }
 
-    /// y = x Wᵀ with the best kernel for this CPU. Exact f32 activations, unless `WHITTLE_KERNELS_Q8=1` asks for
-    /// `matmul_q8` on single-token calls (decode).
+    /// y = x Wᵀ with the best kernel for this CPU. A single token (decode) with 4-bit codes on an AVX-512 VNNI CPU
+    /// runs [`Self::matmul_q16`] (int16 activations: relative rounding 2⁻¹⁶ of each 128-column block's max, far
+    /// below the runtime's 1e-3 acceptance, and memory-bound where f32 activations are not); `WHITTLE_KERNELS_Q8=1`
+    /// asks for the faster, coarser `matmul_q8` instead. Everything else runs exact f32 activations.
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
         if n == 1 && cpu::q8_decode_requested() {
             return self.matmul_q8(x, n, y);
+        }
+        if n == 1 && self.q8_supported() {
+            return self.matmul_int_act(x, n, y, true);
         }
         self.matmul_isa(Isa::best(), x, n, y)
     }
@@ -383,6 +391,17 @@ impl PackedWeight {
     /// ~1e-3 relative to |y| on random data, see the kernel tests), so `matmul` stays the default. Falls back to
     /// `matmul` when `q8_supported()` is false.
     pub fn matmul_q8(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        self.matmul_int_act(x, n, y, false)
+    }
+
+    /// [`Self::matmul_q8`] with int16 activations (one scale `max|x|/32767` per 128 columns, `vpdpwssd`): the
+    /// activation rounding adds at most `Σ_c |W[r,c]|·max|x|/65534` per output, 258× less than int8. Same support
+    /// conditions; falls back to `matmul_isa` when `q8_supported()` is false.
+    pub fn matmul_q16(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        self.matmul_int_act(x, n, y, true)
+    }
+
+    fn matmul_int_act(&self, x: &[f32], n: usize, y: &mut [f32], wide: bool) {
         assert_eq!(x.len(), n * self.cols, "x must be n × cols");
         assert_eq!(y.len(), n * self.rows, "y must be n × rows");
         if !self.q8_supported() {
@@ -391,15 +410,16 @@ impl PackedWeight {
         let l = &*self.layout;
         let ng = l.group_slices.len();
         let row_bytes = l.words * 64 + ng * 3;
-        // Prepared f32 activations, then the int8 form: words·32 u32 + words scales + groups sums.
-        let mut scratch = Scratch::take(&ACT_SCRATCH, l.padded + ng + l.words * 33 + ng);
+        // Prepared f32 activations, then the integer form: words·32 (int16: 64) u32 + words scales + groups sums.
+        let per_word = if wide { 65 } else { 33 };
+        let mut scratch = Scratch::take(&ACT_SCRATCH, l.padded + ng + l.words * per_word + ng);
         let (xp, rest) = scratch.split_at_mut(l.padded);
         let (sx, q8) = rest.split_at_mut(ng);
         let mut yt = vec![0.0f32; if n > 1 { self.rows } else { 0 }];
         for t in 0..n {
             l.prepare(&x[t * self.cols..(t + 1) * self.cols], 1, self.cols, xp, sx);
             let dst: &mut [f32] = if n == 1 { &mut *y } else { &mut yt };
-            let done = crate::x86::packed_q8(self, xp, q8, &mut |f| {
+            let done = crate::x86::packed_q8(self, xp, q8, wide, &mut |f| {
                 cpu::for_row_blocks(self.rows, 1, row_bytes, 1, dst, f);
             });
             debug_assert!(done, "q8_supported() checked the CPU");

@@ -339,22 +339,44 @@ impl Sparse24Weight {
     /// y = x Wᵀ with int8 activations (one scale `max|x|/127` per 128 columns) and VNNI, like
     /// `PackedWeight::matmul_q8` (same error bound); `matmul` where `q8_supported()` is false.
     pub fn matmul_q8(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        self.matmul_int_act(x, n, y, false)
+    }
+
+    /// [`Self::matmul_q8`] with int16 activations (one scale `max|x|/32767` per 128 columns, `vpdpwssd` after a
+    /// `vpermw` gather), the same error bound as `PackedWeight::matmul_q16`; `matmul_isa` where `q8_supported()`
+    /// is false.
+    pub fn matmul_q16(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        self.matmul_int_act(x, n, y, true)
+    }
+
+    fn matmul_int_act(&self, x: &[f32], n: usize, y: &mut [f32], wide: bool) {
         assert_eq!(x.len(), n * self.cols, "x must be n × cols");
         assert_eq!(y.len(), n * self.rows, "y must be n × rows");
         if !self.q8_supported() {
             return self.matmul_isa(Isa::best(), x, n, y);
         }
-        let mut scratch = Scratch::take(&ACT_SCRATCH, self.blocks * 66);
-        let (xq, sxh) = scratch.split_at_mut(self.blocks * 64);
+        let per_block = if wide { 128 } else { 64 };
+        let mut scratch = Scratch::take(&ACT_SCRATCH, self.blocks * (per_block + 2));
+        let (xq, sxh) = scratch.split_at_mut(self.blocks * per_block);
         let xq: &mut [u32] = bytemuck::cast_slice_mut(xq);
         let pair_bytes = self.blocks * self.rec * 4;
         let mut yt = vec![0.0f32; if n > 1 { self.rows } else { 0 }];
         for t in 0..n {
-            crate::x86::quantize_sparse_q8(&x[t * self.cols..(t + 1) * self.cols], self.cols, self.blocks, xq, sxh);
+            let xt = &x[t * self.cols..(t + 1) * self.cols];
+            if wide {
+                crate::x86::quantize_sparse_q16(xt, self.cols, self.blocks, xq, sxh);
+            } else {
+                crate::x86::quantize_sparse_q8(xt, self.cols, self.blocks, xq, sxh);
+            }
             let (xq, sxh) = (&*xq, &*sxh);
             let dst: &mut [f32] = if n == 1 { &mut *y } else { &mut yt };
             cpu::for_row_blocks(self.rows, 2, pair_bytes / 2, 1, dst, |r0, r1, out| {
-                crate::x86::sparse_pairs_q8(self, xq, sxh, r0 / 2, r1.div_ceil(2), out)
+                let (p0, p1) = (r0 / 2, r1.div_ceil(2));
+                if wide {
+                    crate::x86::sparse_pairs_q16(self, xq, sxh, p0, p1, out)
+                } else {
+                    crate::x86::sparse_pairs_q8(self, xq, sxh, p0, p1, out)
+                }
             });
             if n > 1 {
                 y[t * self.rows..(t + 1) * self.rows].copy_from_slice(&yt);
@@ -366,11 +388,12 @@ impl Sparse24Weight {
         self.win_group[col / WINDOW] as usize
     }
 
-    /// y = x Wᵀ with the best kernel for this CPU. Exact f32 activations, unless `WHITTLE_KERNELS_Q8=1` asks for
-    /// `matmul_q8` on single-token calls (decode).
+    /// y = x Wᵀ with the best kernel for this CPU: on a single token (decode) with 4-bit values on a VNNI CPU the
+    /// int16-activation kernel ([`Self::matmul_q16`]), or `matmul_q8` when `WHITTLE_KERNELS_Q8=1`; exact f32
+    /// activations otherwise (see `PackedWeight::matmul`).
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        if n == 1 && cpu::q8_decode_requested() && self.q8_supported() {
-            return self.matmul_q8(x, n, y);
+        if n == 1 && self.q8_supported() {
+            return self.matmul_int_act(x, n, y, !cpu::q8_decode_requested());
         }
         self.matmul_isa(Isa::best(), x, n, y)
     }

@@ -423,6 +423,19 @@ fn cpu_has_vnni() -> bool {
 /// `Σ_c |W[r,c]|·max|x|/254` plus the f32 tolerance of `check` (typical errors are ~30× smaller: rounding errors
 /// are independent and average down over cols, see the printed ratio).
 fn check_q8(what: &str, got: &[f32], want: &(Vec<f64>, Vec<f64>), w: &[f32], x: &[f32], rows: usize, cols: usize) -> f64 {
+    check_int_act(what, got, want, w, x, (rows, cols), 127.0)
+}
+
+/// `check_q8` for activations rounded to `qmax` levels each side of 0 (127 for int8, 32767 for int16).
+fn check_int_act(
+    what: &str,
+    got: &[f32],
+    want: &(Vec<f64>, Vec<f64>),
+    w: &[f32],
+    x: &[f32],
+    (rows, cols): (usize, usize),
+    qmax: f64,
+) -> f64 {
     let n = got.len() / rows;
     let mut worst: f64 = 0.0;
     for t in 0..n {
@@ -431,7 +444,7 @@ fn check_q8(what: &str, got: &[f32], want: &(Vec<f64>, Vec<f64>), w: &[f32], x: 
         for r in 0..rows {
             let i = t * rows + r;
             let wsum: f64 = w[r * cols..(r + 1) * cols].iter().map(|v| v.abs() as f64).sum();
-            let bound = wsum * amax / 254.0;
+            let bound = wsum * amax / (2.0 * qmax);
             let tol = bound * (1.0 + 1e-5) + 2e-5 * want.1[i] + 1e-30;
             let err = (got[i] as f64 - want.0[i]).abs();
             assert!(err <= tol, "{what}: output {i}: got {}, want {}, |diff| {err} > tol {tol}", got[i], want.0[i]);
@@ -514,6 +527,41 @@ fn packed_q8_large_parallel_and_outliers() {
     }
 }
 
+/// The decode default on VNNI CPUs: int16 activations. Same shapes as the q8 test, plus outliers; the bound is
+/// `Σ_c |W[r,c]|·max|x|/65534` plus the f32 tolerance, and `matmul` on one token must be this kernel.
+#[test]
+fn packed_q16_matches_reference_within_int16_activation_error() {
+    let mut rng = Rng(18);
+    let cases = [(7, 300, 128, true), (5, 257, 257, false), (9, 1024, 256, false), (13, 640, 128, true), (3, 129, 128, false)];
+    let mut worst: f64 = 0.0;
+    for &(rows, cols, group, sym) in &cases {
+        for act_order in [false, true] {
+            let q = Quant::random(&mut rng, rows, cols, 4, group, sym, act_order);
+            let w = PackedWeight::new(q.parts()).unwrap();
+            let dense = q.parts().dequantize();
+            for outliers in [false, true] {
+                let mut x = activations(&mut rng, 1, cols);
+                if outliers {
+                    x[cols / 3] = 40.0;
+                }
+                let want = reference(&dense, rows, cols, &x, 1);
+                let mut y = vec![f32::NAN; rows];
+                w.matmul_q16(&x, 1, &mut y);
+                let what = format!("q16 {rows}x{cols} g{group} sym={sym} act_order={act_order} outliers={outliers}");
+                worst = worst.max(check_int_act(&what, &y, &want, &dense, &x, (rows, cols), 32767.0));
+                let mut y2 = vec![f32::NAN; rows];
+                w.matmul(&x, 1, &mut y2);
+                if cpu_has_vnni() {
+                    assert_eq!(y, y2, "{what}: matmul on one token runs the int16 kernel");
+                } else {
+                    check(&what, &y2, &want);
+                }
+            }
+        }
+    }
+    eprintln!("q16: worst error / bound = {worst:.3} (vnni: {})", cpu_has_vnni());
+}
+
 #[test]
 fn sparse24_q8_matches_reference_within_int8_activation_error() {
     let mut rng = Rng(17);
@@ -543,4 +591,38 @@ fn sparse24_q8_matches_reference_within_int8_activation_error() {
         }
     }
     eprintln!("sparse24 q8: worst error / bound = {worst:.3}");
+}
+
+/// The 2:4 decode default on VNNI CPUs: int16 activations, bound `Σ_c |W[r,c]|·max|x|/65534`; `matmul` on one
+/// token must be this kernel (exact-path tolerance where the CPU lacks VNNI).
+#[test]
+fn sparse24_q16_matches_reference_within_int16_activation_error() {
+    let mut rng = Rng(19);
+    let cases = [(7, 171, 128), (5, 600, 128), (3, 300, 300), (2, 513, 256), (1, 4, 4), (1001, 1024, 128)];
+    let mut worst: f64 = 0.0;
+    for &(rows, cols, group) in &cases {
+        for sym in [true, false] {
+            let q = Quant::random(&mut rng, rows, cols, 4, group, sym, false);
+            let mask = mask24(&mut rng, rows, cols);
+            let w = Sparse24Weight::from_quantized(q.parts(), &mask).unwrap();
+            let dense = w.to_dense();
+            let mut x = activations(&mut rng, 1, cols);
+            if cols > 200 {
+                x[cols / 2] = 30.0;
+            }
+            let want = reference(&dense, rows, cols, &x, 1);
+            let mut y = vec![f32::NAN; rows];
+            w.matmul_q16(&x, 1, &mut y);
+            let what = format!("sparse24 q16 {rows}x{cols} g{group} sym={sym}");
+            worst = worst.max(check_int_act(&what, &y, &want, &dense, &x, (rows, cols), 32767.0));
+            let mut y2 = vec![f32::NAN; rows];
+            w.matmul(&x, 1, &mut y2);
+            if cpu_has_vnni() {
+                assert_eq!(y, y2, "{what}: matmul on one token runs the int16 kernel");
+            } else {
+                check(&what, &y2, &want);
+            }
+        }
+    }
+    eprintln!("sparse24 q16: worst error / bound = {worst:.3}");
 }

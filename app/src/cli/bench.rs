@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use std::time::Instant;
 use whittle_core::model::{KvCache, Scratch};
-use whittle_core::runtime::{pack_model, weight_bytes};
+use whittle_core::runtime::{is_data_free, pack_data_free, pack_model, weight_bytes};
 use whittle_kernels::{bench_gemv_q8, measure_stream_read_gbps, GemvShape};
 
 #[derive(Args, Debug)]
@@ -111,8 +111,14 @@ fn decode(a: DecodeArgs, prefill: bool) -> Result<()> {
     let mut packed = None;
     if a.plan.given() {
         let resolved = resolve(&a.plan.to_plan()?, &m)?;
-        let out = run_compression(&mut m, &resolved, &a.calib, true)?;
-        packed = Some(pack_model(&mut m.model, &out.quantized));
+        if is_data_free(&resolved) {
+            // RTN/magnitude need no calibration: quantize and pack linear by linear, giving back the source pages.
+            let store = m.store.clone();
+            packed = Some(pack_data_free(&mut m.model, &resolved, &|l| store.release(&format!("model.layers.{l}.")))?);
+        } else {
+            let out = run_compression(&mut m, &resolved, &a.calib, true)?;
+            packed = Some(pack_model(&mut m.model, &out.quantized));
+        }
     }
     let pool = pool(a.threads)?;
     let model = &m.model;
@@ -140,8 +146,25 @@ fn decode(a: DecodeArgs, prefill: bool) -> Result<()> {
     });
     let resident = weight_bytes(model) + cache_bytes;
     let threads = pool.current_num_threads();
+    // Decode reads every weight but the embedding (one row of it) once per token, plus on average half the final
+    // KV cache: at the stream-read bandwidth that is the most tokens/s this machine can give.
+    let bound = (!prefill).then(|| {
+        let per_token = weight_bytes(model) - model.embed.bytes().len() + cache_bytes / 2;
+        let stream = pool.install(|| measure_stream_read_gbps(256 << 20, threads));
+        (stream, stream * 1e9 / per_token as f64, per_token)
+    });
+    let peak_rss = peak_rss_bytes();
     if a.json {
         let mut v = serde_json::json!({"tokens_per_second": best, "resident_bytes": resident, "threads": threads, "tokens": n});
+        if let Some((stream, bound_tps, per_token)) = bound {
+            v["bytes_per_token"] = per_token.into();
+            v["stream_gbps"] = stream.into();
+            v["bound_tokens_per_second"] = bound_tps.into();
+            v["fraction_of_bound"] = (best / bound_tps).into();
+        }
+        if let Some(rss) = peak_rss {
+            v["peak_rss_bytes"] = rss.into();
+        }
         if let Some(p) = &packed {
             v["packed_linears"] = p.packed.into();
             v["sparse24_linears"] = p.sparse24.into();
@@ -149,7 +172,17 @@ fn decode(a: DecodeArgs, prefill: bool) -> Result<()> {
         }
         println!("{v}");
     } else {
-        println!("{} {:.0} tokens/s ({threads} threads, {n} tokens), resident {:.2} MB", if prefill { "prefill" } else { "decode" }, best, resident as f64 / 1e6);
+        println!("{} {:.*} tokens/s ({threads} threads, {n} tokens), resident {:.2} MB", if prefill { "prefill" } else { "decode" }, if best < 100.0 { 2 } else { 0 }, best, resident as f64 / 1e6);
+        if let Some((stream, bound_tps, per_token)) = bound {
+            println!(
+                "bound {bound_tps:.1} tokens/s ({:.1} MB read per token at {stream:.1} GB/s stream): {:.0}% of the bound",
+                per_token as f64 / 1e6,
+                100.0 * best / bound_tps
+            );
+        }
+        if let Some(rss) = peak_rss {
+            println!("peak RSS {:.2} GiB", rss as f64 / (1u64 << 30) as f64);
+        }
         if let Some(p) = &packed {
             println!("packed {} linears, 2:4 {}, dense {}", p.packed, p.sparse24, p.dense.len());
             for (name, why) in &p.dense {
@@ -258,4 +291,11 @@ fn gemv(a: GemvArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The process's peak resident set (`VmHWM`, Linux); `None` elsewhere.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

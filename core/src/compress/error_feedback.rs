@@ -8,7 +8,7 @@
 //! objective. H⁻¹ is damped exactly as GPTQ damps it (the same λ), which also keeps the shift small where the
 //! calibration data says little.
 
-use super::linalg::{gemm_f64, inverse_cholesky_upper};
+use super::linalg::{gemm_f64, solve_right_damped};
 use super::{CompressError, Hessian, Matrix};
 
 /// Running mean of D = 2/n Σ (x_d − x_q) x_qᵀ, scaled like the Hessian accumulator so the two combine exactly.
@@ -60,18 +60,26 @@ fn transpose(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
 
 /// W' = W + W D (H + λI)⁻¹, λ = damp · mean diag(H) (raised like GPTQ's when the factorization fails).
 pub fn shifted_target(w: &Matrix, d: &[f64], h: &Hessian, damp: f64) -> Result<Matrix, CompressError> {
+    shift_by(w, cross_product(w, d), h, damp)
+}
+
+/// W D in f64 (r×c): the part of the shift that reads D, so a caller can drop D (c×c) before the solve.
+pub fn cross_product(w: &Matrix, d: &[f64]) -> Vec<f64> {
     let (r, c) = (w.rows, w.cols);
-    let (u, _) = inverse_cholesky_upper(&h.data, c, damp)?;
     let w64: Vec<f64> = w.data.iter().map(|&v| v as f64).collect();
     let mut a = vec![0.0; r * c];
     gemm_f64(&mut a, &w64, d, r, c, c, 1.0);
-    // (H+λI)⁻¹ = UᵀU, so A (H+λI)⁻¹ = (A Uᵀ) U.
-    let ut = transpose(&u, c, c);
-    let mut b = vec![0.0; r * c];
-    gemm_f64(&mut b, &a, &ut, r, c, c, 1.0);
-    let mut shifted = w64;
-    gemm_f64(&mut shifted, &b, &u, r, c, c, 1.0);
-    Ok(Matrix::from_vec(r, c, shifted.into_iter().map(|v| v as f32).collect()))
+    a
+}
+
+/// W + A (H + λI)⁻¹ for A = [`cross_product`]`(W, D)`.
+pub fn shift_by(w: &Matrix, mut a: Vec<f64>, h: &Hessian, damp: f64) -> Result<Matrix, CompressError> {
+    let (r, c) = (w.rows, w.cols);
+    if a.len() != r * c || h.n != c {
+        return Err(CompressError::Shape(format!("error-feedback shift of a {r}×{c} weight needs a {r}×{c} product and a {c}×{c} Hessian")));
+    }
+    solve_right_damped(&mut a, r, &h.data, c, damp)?;
+    Ok(Matrix::from_vec(r, c, w.data.iter().zip(&a).map(|(&v, &s)| (v as f64 + s) as f32).collect()))
 }
 
 #[cfg(test)]

@@ -54,14 +54,21 @@ impl Compressor for Magnitude {
         if cancel() {
             return Err(CompressError::Cancelled);
         }
+        Ok(self.apply(w))
+    }
+}
+
+impl Magnitude {
+    /// The compression itself, which reads no calibration data.
+    pub(crate) fn apply(&self, w: &Matrix) -> Compressed {
         let keep = magnitude_keep_mask(w, self.sparsity);
         if let Some(spec) = &self.quant {
             let (weight, q) = rtn_quantize(w, spec, Some(keep));
-            return Ok(Compressed { weight, quant: Some(q), damp_used: None });
+            return Compressed { weight, quant: Some(q), damp_used: None };
         }
         let mut weight = w.clone();
         weight.data.iter_mut().zip(&keep).filter(|(_, &k)| !k).for_each(|(v, _)| *v = 0.0);
-        Ok(Compressed { weight, quant: None, damp_used: None })
+        Compressed { weight, quant: None, damp_used: None }
     }
 }
 

@@ -194,6 +194,20 @@ pub fn validate(job: &LayerJob) -> Result<(), CompressError> {
     }
 }
 
+/// Compresses one layer with a method that reads no calibration data (RTN, magnitude), or `None` for the
+/// Hessian-based methods. A plan of only such methods can be applied linear by linear at load, with no
+/// calibration pass (see `runtime::pack_data_free`).
+pub fn compress_data_free(job: &LayerJob, w: &Matrix) -> Option<Result<Compressed, CompressError>> {
+    if let Err(e) = validate(job) {
+        return Some(Err(e));
+    }
+    match (job.method, &job.quant, job.sparsity) {
+        (Method::Rtn, Some(quant), sparsity) => Some(Ok(Rtn { quant: quant.clone(), sparsity }.apply(w))),
+        (Method::Magnitude, quant, Some(sparsity)) => Some(Ok(Magnitude { sparsity, quant: quant.clone() }.apply(w))),
+        _ => None,
+    }
+}
+
 /// Validate `job`, then compress one layer with its method.
 pub fn compress_layer(
     job: &LayerJob,

@@ -69,9 +69,16 @@ impl Compressor for Rtn {
         if cancel() {
             return Err(CompressError::Cancelled);
         }
+        Ok(self.apply(w))
+    }
+}
+
+impl Rtn {
+    /// The compression itself, which reads no calibration data.
+    pub(crate) fn apply(&self, w: &Matrix) -> Compressed {
         let keep = self.sparsity.map(|s| magnitude_keep_mask(w, s));
         let (weight, q) = rtn_quantize(w, &self.quant, keep);
-        Ok(Compressed { weight, quant: Some(q), damp_used: None })
+        Compressed { weight, quant: Some(q), damp_used: None }
     }
 }
 

@@ -80,6 +80,32 @@ pub(crate) fn quantize_sparse_q8(x: &[f32], cols: usize, blocks: usize, xq: &mut
     }
 }
 
+/// See `vnni::quantize_act_sparse16`.
+pub(crate) fn quantize_sparse_q16(x: &[f32], cols: usize, blocks: usize, xq: &mut [u32], sxh: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    vnni::quantize_act_sparse16(x, cols, blocks, xq, sxh);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, cols, blocks, xq, sxh);
+        unreachable!("q8_sparse_supported() is false on this architecture")
+    }
+}
+
+/// Row pairs `p0..p1` of a single-token 2:4 GEMV with int16 activations. Callers checked `q8_sparse_supported()`.
+pub(crate) fn sparse_pairs_q16(w: &Sparse24Weight, xq: &[u32], sxh: &[f32], p0: usize, p1: usize, out: OutRows) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(q8_sparse_supported() && p1 <= w.rows.div_ceil(2));
+        // SAFETY: CPU support asserted; lengths asserted inside.
+        unsafe { vnni::sparse_pairs_q16(w, xq, sxh, p0, p1, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, xq, sxh, p0, p1, out);
+        unreachable!("q8_sparse_supported() is false on this architecture")
+    }
+}
+
 /// Row pairs `p0..p1` of a single-token 2:4 q8 GEMV. Callers checked `q8_sparse_supported()`.
 pub(crate) fn sparse_pairs_q8(w: &Sparse24Weight, xq: &[u32], sxh: &[f32], p0: usize, p1: usize, out: OutRows) {
     #[cfg(target_arch = "x86_64")]
@@ -100,10 +126,12 @@ pub(crate) type RowTask<'a> = dyn Fn(usize, usize, OutRows) + Sync + 'a;
 
 /// One token of a q8 GEMV (see `vnni`): quantizes `xp` into `q8` scratch, then runs rows in parallel via `rows`.
 /// Returns false (doing nothing) when the CPU lacks VNNI.
+/// `wide`: int16 activations (`vpdpwssd`) instead of int8; `q8` must then hold `words·65 + groups` floats.
 pub(crate) fn packed_q8(
     w: &PackedWeight,
     xp: &[f32],
     q8: &mut [f32],
+    wide: bool,
     run: &mut dyn FnMut(&RowTask<'_>),
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -113,19 +141,19 @@ pub(crate) fn packed_q8(
         }
         let l = &*w.layout;
         let (nw, ng) = (l.words, l.group_slices.len());
-        let (xq, rest) = q8.split_at_mut(nw * 32);
+        let (xq, rest) = q8.split_at_mut(nw * if wide { 64 } else { 32 });
         let (sxw, xhat) = rest.split_at_mut(nw);
         let xq: &mut [u32] = bytemuck::cast_slice_mut(xq);
         // SAFETY: VNNI/AVX-512 support checked above; lengths asserted inside.
-        unsafe { vnni::quantize_act(w, xp, xq, sxw, &mut xhat[..ng]) };
+        unsafe { vnni::quantize_act(w, xp, xq, sxw, &mut xhat[..ng], wide) };
         let (xq, sxw, xhat) = (&*xq, &*sxw, &xhat[..ng]);
         // SAFETY: as above.
-        run(&|r0, r1, out| unsafe { vnni::packed_rows_q8(w, xq, sxw, xhat, r0, r1, out) });
+        run(&|r0, r1, out| unsafe { vnni::packed_rows_q8(w, xq, sxw, xhat, r0, r1, out, wide) });
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (w, xp, q8, run);
+        let _ = (w, xp, q8, wide, run);
         false
     }
 }

@@ -43,8 +43,22 @@ pub fn calibration_windows(tok: &Tokenizer, text: &str, s: &CalibSettings, origi
     Ok(windows)
 }
 
-/// Windows run in parallel per chunk; bounded so a 7B layer's activations stay small.
-pub(crate) const CHUNK: usize = 8;
+/// Bytes the captured site inputs of one chunk of windows may take on both paths.
+const CHUNK_BYTES: usize = 64 << 20;
+
+/// Windows run in parallel per chunk: 8, or fewer where the captured inputs of wide layers would pass
+/// [`CHUNK_BYTES`] (a 7B MLP input at 512 tokens is 22.5 MB per window and path), but never fewer than the cores.
+/// Hessians add windows in window order whatever the chunk, so it changes memory and scheduling, not results.
+pub(crate) fn chunk_windows(width: usize, ctx: usize, cores: usize) -> usize {
+    let per_window = (ctx * width * 4 * 2).max(1);
+    (CHUNK_BYTES / per_window).clamp(cores.clamp(1, 8), 8)
+}
+
+fn chunk_for(model: &Model, xs: &[Vec<f32>]) -> usize {
+    let d = model.config.hidden_size;
+    let ctx = xs.iter().map(|x| x.len() / d).max().unwrap_or(0);
+    chunk_windows(d.max(model.config.intermediate_size), ctx, rayon::current_num_threads())
+}
 
 /// Attention outputs of the current layer, one slot per calibration window, filled by the first pass that computes
 /// them. Attention depends only on q/k/v, which the first stage of a layer fixes, so the later stages and the update
@@ -124,7 +138,8 @@ pub fn run_block_with(
             &mut no_slots
         }
     };
-    for (ci, (chunk, slot_chunk)) in xs.chunks_mut(CHUNK).zip(slots.chunks_mut(CHUNK)).enumerate() {
+    let chunk_len = chunk_for(model, xs);
+    for (ci, (chunk, slot_chunk)) in xs.chunks_mut(chunk_len).zip(slots.chunks_mut(chunk_len)).enumerate() {
         let captured: Vec<Option<Vec<f32>>> = chunk
             .par_iter_mut()
             .zip(slot_chunk.par_iter_mut())
@@ -164,7 +179,7 @@ pub fn run_block_with(
             .collect();
         for (i, (c, x)) in captured.into_iter().zip(chunk.iter()).enumerate() {
             if let Some(c) = c {
-                observe(ci * CHUNK + i, &c, x.len() / model.config.hidden_size)?;
+                observe(ci * chunk_len + i, &c, x.len() / model.config.hidden_size)?;
             }
         }
     }
@@ -208,13 +223,14 @@ pub fn collect_hessian_and_cross(
     let mut cross = CrossAccumulator::new(cols);
     let err = |e: crate::compress::CompressError| WhittleError::Invalid(format!("calibration inputs of layer {layer} ({site:?}): {e}"));
     // Chunks of both paths and of their caches go together, so one chunk of activations is alive at a time.
-    let mut caches = attn.map(|(q, d)| (q.chunks_mut(CHUNK), d.chunks_mut(CHUNK)));
-    for (q_chunk, d_chunk) in xs.chunks_mut(CHUNK).zip(xs_dense.chunks_mut(CHUNK)) {
+    let chunk_len = chunk_for(model, xs);
+    let mut caches = attn.map(|(q, d)| (q.chunks_mut(chunk_len), d.chunks_mut(chunk_len)));
+    for (q_chunk, d_chunk) in xs.chunks_mut(chunk_len).zip(xs_dense.chunks_mut(chunk_len)) {
         let (q_slots, d_slots) = match caches.as_mut() {
             Some((q, d)) => (q.next(), d.next()),
             None => (None, None),
         };
-        let mut dense_inputs: Vec<Vec<f32>> = Vec::with_capacity(CHUNK);
+        let mut dense_inputs: Vec<Vec<f32>> = Vec::with_capacity(chunk_len);
         run_block_with(model, dense_block, layer, d_chunk, false, Some(site), d_slots, &mut |_, input, _| {
             dense_inputs.push(input.to_vec());
             Ok(())

@@ -12,6 +12,7 @@ use crate::compress_model::{Checkpoint, CompressedWeight, FinishedLayer, LayerRe
 use crate::error::{Result, WhittleError};
 use crate::export::atomic::write_atomic_file;
 use crate::export::import::kernel_weight;
+use crate::export::QuantizedSource;
 use crate::model::{Model, LINEAR_KINDS};
 use crate::plan::ResolvedPlan;
 use whittle_kernels::{DenseWeight, Weight};
@@ -22,16 +23,19 @@ use std::path::{Path, PathBuf};
 
 const KEY_FILE: &str = "checkpoint.json";
 
+/// Gives back the memory of the weights whose names start with the prefix (see `Checkpoint::release`).
+pub type Release = Box<dyn Fn(&str)>;
+
 pub struct CheckpointDir {
     dir: PathBuf,
     /// Frees a finished layer's original weights (the model's memory map); `None` in tests.
-    release: Option<Box<dyn Fn(usize)>>,
+    release: Option<Release>,
 }
 
 impl CheckpointDir {
     /// Opens `dir` for the job described by `key`, creating it if needed. A folder holding another job's layers is an
     /// error naming the folder: its layers would not fit this job.
-    pub fn open(dir: &Path, key: &serde_json::Value, release: Option<Box<dyn Fn(usize)>>) -> Result<Self> {
+    pub fn open(dir: &Path, key: &serde_json::Value, release: Option<Release>) -> Result<Self> {
         let key_path = dir.join(KEY_FILE);
         if key_path.exists() {
             let text = std::fs::read_to_string(&key_path).map_err(|e| WhittleError::io(&key_path, e))?;
@@ -64,51 +68,72 @@ impl CheckpointDir {
         (0..num_layers).take_while(|l| self.layer_path(*l).exists()).count()
     }
 
-    /// Every finished layer's results, integer forms by module name, and float weights by module name.
-    pub fn assemble(&self, num_layers: usize) -> Result<Assembled> {
-        let mut out = Assembled::default();
+}
+
+/// A finished checkpoint read one decoder layer at a time: an export takes its integer forms layer by layer
+/// ([`QuantizedSource`]), so writing a 7B model's export holds one layer's codes, not all of them.
+pub struct CheckpointForms {
+    dir: PathBuf,
+    shapes: Vec<(String, usize, usize)>,
+}
+
+impl CheckpointForms {
+    /// Opens the finished checkpoint in `dir` (every one of `num_layers` layers must be there), reading each layer
+    /// once to check it and learn its shapes.
+    pub fn open(dir: &Path, num_layers: usize) -> Result<Self> {
+        let forms = Self { dir: dir.to_path_buf(), shapes: Vec::new() };
+        let mut shapes = Vec::new();
         for l in 0..num_layers {
-            let layer = read_layer(&self.layer_path(l), l)?
-                .ok_or_else(|| WhittleError::file(self.layer_path(l), "missing: the compression did not finish"))?;
-            out.results.extend(layer.results);
-            for (k, w) in layer.weights {
-                let name = Model::module_name(l, LINEAR_KINDS[k]);
+            for (name, w) in forms.layer(l)?.weights.into_iter().map(|(k, w)| (Model::module_name(l, LINEAR_KINDS[k]), w)) {
+                if let CompressedWeight::Quantized(q) = w {
+                    shapes.push((name, q.rows, q.cols));
+                }
+            }
+        }
+        Ok(Self { shapes, ..forms })
+    }
+
+    fn layer(&self, l: usize) -> Result<FinishedLayer> {
+        let path = self.dir.join(format!("layer-{l:05}.safetensors"));
+        read_layer(&path, l)?.ok_or_else(|| WhittleError::file(&path, "missing: the compression did not finish"))
+    }
+
+    /// Puts the compressed linears into `model` (a fresh load of the original): float ones as f32 and, with
+    /// `pack_quantized`, quantized ones in the packed form the kernels run (a 7B model would not fit dequantized).
+    /// Without it the quantized linears keep the original weights, for an export that reads their integer forms here.
+    pub fn apply_to(&self, model: &mut Model, pack_quantized: bool) -> Result<()> {
+        for l in 0..model.blocks.len() {
+            for (k, w) in self.layer(l)?.weights {
+                let lin = &mut model.blocks[l].linears[k];
                 match w {
-                    CompressedWeight::Quantized(q) => {
-                        out.quantized.insert(name, q);
-                    }
+                    CompressedWeight::Quantized(q) if pack_quantized => lin.weight = kernel_weight(&q),
+                    CompressedWeight::Quantized(_) => {}
                     CompressedWeight::Dense(v) => {
-                        out.dense.insert(name, v);
+                        lin.weight = Weight::Dense(DenseWeight::from_f32(lin.weight.rows(), lin.weight.cols(), v));
                     }
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
-/// What a finished checkpoint holds, ready for export.
-#[derive(Default)]
-pub struct Assembled {
-    pub results: Vec<LayerResult>,
-    pub quantized: BTreeMap<String, QuantizedLinear>,
-    pub dense: BTreeMap<String, Vec<f32>>,
-}
+impl QuantizedSource for CheckpointForms {
+    fn shapes(&self) -> Result<Vec<(String, usize, usize)>> {
+        Ok(self.shapes.clone())
+    }
 
-impl Assembled {
-    /// Puts the compressed linears into `model` (a fresh load of the original): quantized ones in the packed form the
-    /// kernels run (a 7B model would not fit dequantized), float ones as f32.
-    pub fn apply_to(&self, model: &mut Model) {
-        for (l, block) in model.blocks.iter_mut().enumerate() {
-            for (k, lin) in block.linears.iter_mut().enumerate() {
-                let name = Model::module_name(l, LINEAR_KINDS[k]);
-                if let Some(q) = self.quantized.get(&name) {
-                    lin.weight = kernel_weight(q);
-                } else if let Some(v) = self.dense.get(&name) {
-                    lin.weight = Weight::Dense(DenseWeight::from_f32(lin.weight.rows(), lin.weight.cols(), v.clone()));
-                }
-            }
-        }
+    fn forms(&self, layer: Option<usize>) -> Result<BTreeMap<String, QuantizedLinear>> {
+        let Some(l) = layer else { return Ok(BTreeMap::new()) };
+        Ok(self
+            .layer(l)?
+            .weights
+            .into_iter()
+            .filter_map(|(k, w)| match w {
+                CompressedWeight::Quantized(q) => Some((Model::module_name(l, LINEAR_KINDS[k]), q)),
+                CompressedWeight::Dense(_) => None,
+            })
+            .collect())
     }
 }
 
@@ -138,9 +163,9 @@ impl Checkpoint for CheckpointDir {
         write_atomic_file(&path, &encode(layer))
     }
 
-    fn release(&mut self, layer: usize) {
+    fn release(&mut self, prefix: &str) {
         if let Some(r) = &self.release {
-            r(layer);
+            r(prefix);
         }
     }
 }

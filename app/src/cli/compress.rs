@@ -5,7 +5,8 @@ use super::plan_args::{resolve, run_compression_with, CalibArgs, PlanArgs, Resum
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
-use whittle_core::export::{check_plan, check_target, export_model, ExportOptions, ModelFormat};
+use whittle_core::checkpoint::CheckpointForms;
+use whittle_core::export::{check_plan, check_target, export_model_from, ExportOptions, ModelFormat};
 
 #[derive(Args, Debug)]
 pub struct CompressArgs {
@@ -51,16 +52,18 @@ pub fn run(a: CompressArgs) -> Result<()> {
         check_plan(&m, &resolved, a.format).context("the plan cannot be exported in this format")?;
     }
     let partial = a.out.as_deref().map(partial_dir);
-    let resumable = partial.as_deref().map(|dir| Resumable { dir, restart: a.restart });
+    let resumable = partial.as_deref().map(|dir| Resumable { dir, restart: a.restart, pack: false });
     let out = run_compression_with(&mut m, &resolved, &a.calib, a.json, resumable)?;
-    let written = match &export {
-        Some(opts) => {
-            let report = export_model(&m, &out.quantized, opts, &mut |_, _| {})
+    let written = match (&export, partial.as_deref()) {
+        (Some(opts), Some(dir)) => {
+            // The integer forms stay in the checkpoint folder and are read one layer at a time while writing.
+            let forms = CheckpointForms::open(dir, m.model.config.num_layers)?;
+            let report = export_model_from(&m, &forms, opts, &mut |_, _| {})
                 .with_context(|| format!("export to {} failed; nothing was written there", opts.out.display()))?;
-            let _ = std::fs::remove_dir_all(partial.as_deref().expect("set with --out"));
+            let _ = std::fs::remove_dir_all(dir);
             Some(report)
         }
-        None => None,
+        _ => None,
     };
     if a.json {
         let v = serde_json::json!({

@@ -7,12 +7,13 @@ use super::plan_args::{resolve, run_compression_with, CalibArgs, PlanArgs, Resum
 use super::progress;
 use anyhow::{Context, Result};
 use clap::Args;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use whittle_core::compress::types::QuantizedLinear;
 use whittle_core::eval::{check_ctx, evaluate, read_text, windows};
-use whittle_core::export::{check_plan, check_target, export_model, parse_size, ExportOptions, ModelCard, ModelFormat};
+use whittle_core::checkpoint::CheckpointForms;
+use whittle_core::export::{
+    check_plan, check_target, export_model_from, parse_size, ExportOptions, ModelCard, ModelFormat, QuantizedSource,
+};
 use whittle_core::model::{LoadedModel, Model};
 
 #[derive(Args, Debug)]
@@ -96,7 +97,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
     check_target(&opts, &m.dir)?;
 
     let mut card = ModelCard::default();
-    let compressed: Option<BTreeMap<String, QuantizedLinear>> = if a.plan.given() {
+    let compressed: Option<CheckpointForms> = if a.plan.given() {
         let plan = a.plan.to_plan()?;
         // An imported quantized model is recompressed from its dequantized weights.
         m.dequantize_linears();
@@ -107,15 +108,17 @@ pub fn run(a: ExportArgs) -> Result<()> {
         card.calibration = Some(calibration_text(&a.calib));
         let original = a.eval_data.is_some().then(|| m.model.clone());
         let partial = partial_dir(&a.out);
-        let resumable = Resumable { dir: &partial, restart: a.restart };
-        let out = run_compression_with(&mut m, &resolved, &a.calib, a.json, Some(resumable))?;
+        // Measuring runs the compressed model, so only then are its quantized linears packed into it.
+        let resumable = Resumable { dir: &partial, restart: a.restart, pack: a.eval_data.is_some() };
+        run_compression_with(&mut m, &resolved, &a.calib, a.json, Some(resumable))?;
         if let Some(data) = &a.eval_data {
             let measured = measure(&m.model, original.as_ref(), &a, data, &m)?;
             card.ppl = Some(measured.ppl);
             card.base_ppl = measured.base_ppl;
             card.kl = measured.kl;
         }
-        Some(out.quantized)
+        // The integer forms stay in the checkpoint folder and are read one layer at a time while writing.
+        Some(CheckpointForms::open(&partial, m.model.config.num_layers)?)
     } else {
         if let Some(data) = &a.eval_data {
             card.ppl = Some(measure(&m.model, None, &a, data, &m)?.ppl);
@@ -132,12 +135,15 @@ pub fn run(a: ExportArgs) -> Result<()> {
     }
     opts.card = card.clone();
 
-    let quantized = compressed.as_ref().unwrap_or(&m.quantized);
+    let quantized: &dyn QuantizedSource = match &compressed {
+        Some(forms) => forms,
+        None => &m.quantized,
+    };
     let bar = progress::bar(1, "export");
     if a.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let report = export_model(&m, quantized, &opts, &mut |done, total| {
+    let report = export_model_from(&m, quantized, &opts, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })

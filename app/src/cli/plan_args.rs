@@ -6,7 +6,7 @@ use clap::Args;
 use std::path::PathBuf;
 use whittle_core::calib::{calibration_windows, CalibSettings};
 use whittle_core::compress::Method;
-use whittle_core::checkpoint::{job_key, CheckpointDir};
+use whittle_core::checkpoint::{job_key, CheckpointDir, CheckpointForms};
 use whittle_core::estimate::{check_fits, estimate};
 use whittle_core::compress_model::{compress_model, compress_model_with, CompressEvent, CompressOutput};
 use whittle_core::eval::read_text;
@@ -122,15 +122,19 @@ pub fn run_compression(m: &mut LoadedModel, plan: &ResolvedPlan, calib: &CalibAr
     run_compression_with(m, plan, calib, quiet, None)
 }
 
-/// Where a resumable compression keeps its finished layers, and whether to discard what an earlier run left there.
+/// Where a resumable compression keeps its finished layers, whether to discard what an earlier run left there, and
+/// whether the model will run afterwards (`pack`: its quantized linears are put in packed; otherwise they keep the
+/// original weights and an export reads their integer forms from the folder, one layer at a time).
 pub struct Resumable<'a> {
     pub dir: &'a std::path::Path,
     pub restart: bool,
+    pub pack: bool,
 }
 
 /// [`run_compression`], optionally streaming finished layers into a checkpoint folder: memory then holds one decoder
 /// layer at a time, a restarted run skips the layers already there, and afterwards `m` is a fresh load of the
-/// original with the compressed linears put in (quantized ones packed), while `quantized` holds their integer forms.
+/// original with the compressed linears put in (see [`Resumable`]), while `quantized` stays empty: the integer forms
+/// are in the folder ([`CheckpointForms`]).
 pub fn run_compression_with(
     m: &mut LoadedModel,
     plan: &ResolvedPlan,
@@ -190,20 +194,19 @@ pub fn run_compression_with(
     }
     let key = job_key(&m.dir, plan, &windows)?;
     let store = m.store.clone();
-    let release = Box::new(move |l: usize| store.release(&format!("model.layers.{l}.")));
+    let release = Box::new(move |prefix: &str| store.release(prefix));
     let mut checkpoint = CheckpointDir::open(r.dir, &key, Some(release))?;
     let layers = m.model.config.num_layers;
     let done = checkpoint.finished_layers(layers);
     if done > 0 && !quiet {
         eprintln!("resuming: layers 0..{done} of {layers} already compressed in {}", r.dir.display());
     }
-    let mut out = compress_model_with(&mut m.model, plan, &windows, &mut on_event, &|| false, Some(&mut checkpoint))
+    let out = compress_model_with(&mut m.model, plan, &windows, &mut on_event, &|| false, Some(&mut checkpoint))
         .context("compression failed")?;
     bar.finish_and_clear();
     // The streamed model gave its layers up one by one; rebuild it from the original and the checkpoint.
-    let assembled = checkpoint.assemble(layers)?;
+    let forms = CheckpointForms::open(r.dir, layers)?;
     *m = load_model(&m.dir)?;
-    assembled.apply_to(&mut m.model);
-    out.quantized = assembled.quantized;
+    forms.apply_to(&mut m.model, r.pack)?;
     Ok(out)
 }

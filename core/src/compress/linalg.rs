@@ -67,11 +67,28 @@ pub(crate) fn inverse_cholesky_upper_f32(
 }
 
 /// Precision of the triangular inverse.
-trait InvScalar: faer::traits::ComplexField + Copy + Send + Sync + PartialOrd {
+trait InvScalar: faer::traits::ComplexField + Copy + Send + Sync + PartialOrd + bytemuck::Pod {
     fn of(v: f64) -> Self;
     fn finite(self) -> bool;
     fn finite_positive(self) -> bool {
         self.finite() && self > Self::of(0.0)
+    }
+    /// The factor in this precision; may reuse the factor's buffer.
+    fn factor_values(factor: Vec<f64>) -> FactorValues<Self>;
+}
+
+/// A factor converted to the inverse's precision: its own buffer (f64), or the f64 buffer narrowed in place (f32).
+enum FactorValues<T> {
+    Own(Vec<T>),
+    Narrowed(Vec<f64>, usize),
+}
+
+impl<T: bytemuck::Pod> FactorValues<T> {
+    fn as_slice(&self) -> &[T] {
+        match self {
+            FactorValues::Own(v) => v,
+            FactorValues::Narrowed(v, n) => &bytemuck::cast_slice::<f64, T>(v)[..*n],
+        }
     }
 }
 
@@ -82,6 +99,9 @@ impl InvScalar for f64 {
     fn finite(self) -> bool {
         self.is_finite()
     }
+    fn factor_values(factor: Vec<f64>) -> FactorValues<Self> {
+        FactorValues::Own(factor)
+    }
 }
 
 impl InvScalar for f32 {
@@ -91,6 +111,25 @@ impl InvScalar for f32 {
     fn finite(self) -> bool {
         self.is_finite()
     }
+    fn factor_values(factor: Vec<f64>) -> FactorValues<Self> {
+        let n = factor.len();
+        FactorValues::Narrowed(narrow_in_place(factor), n)
+    }
+}
+
+/// Rounds every f64 of `v` to f32, storing element i in the first half of the same buffer, then gives the second
+/// half back to the allocator. Why not a new Vec<f32>: for the 11008-column down_proj of a 7B model this is the
+/// difference between holding 1.45 GB (f64 factor + f32 copy) and 0.97 GB at the peak of its GPTQ solve.
+fn narrow_in_place(mut v: Vec<f64>) -> Vec<f64> {
+    let n = v.len();
+    for i in 0..n {
+        let x = v[i] as f32;
+        // f32 slot i lies in f64 slot i/2 ≤ i, which has been read already; slot i itself is read just above.
+        bytemuck::cast_slice_mut::<f64, f32>(&mut v)[i] = x;
+    }
+    v.truncate(n.div_ceil(2));
+    v.shrink_to_fit();
+    v
 }
 
 /// Factors J (H + λI) J = L Lᵀ (J the reversal; H_ii taken as 1 where `dead[i]`), λ = damp · mean(diag H), and hands
@@ -148,12 +187,11 @@ fn inverse_cholesky_upper_as<T: InvScalar>(
     let par = Par::rayon(0);
     with_damped_reversed_factor(h, n, dead, damp, |a| {
         // Only the lower triangle is read by the inversion; the upper one still holds H and is converted unread.
-        let l: Vec<T> = a.par_iter().map(|&v| T::of(v)).collect();
-        drop(a);
+        let l = T::factor_values(a);
         let mut inv = vec![T::of(0.0); n * n];
         invert_lower_triangular(
             MatMut::from_row_major_slice_mut(&mut inv, n, n),
-            MatRef::from_row_major_slice(&l, n, n),
+            MatRef::from_row_major_slice(l.as_slice(), n, n),
             par,
         );
         drop(l);
@@ -274,6 +312,16 @@ mod tests {
                 // κ(H+λI) ≤ ~1e4 here, so f64 round-off leaves ≤ ~1e-10; 1e-8 catches any transposition slip.
                 assert!((prod[i * n + j] - want).abs() < 1e-8, "({i},{j}) = {}", prod[i * n + j]);
             }
+        }
+    }
+
+    #[test]
+    fn narrowing_in_place_rounds_every_value() {
+        for n in [0usize, 1, 2, 7, 1000] {
+            let v: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37 - 11.0) / 3.0).collect();
+            let want: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+            let narrowed = narrow_in_place(v);
+            assert_eq!(&bytemuck::cast_slice::<f64, f32>(&narrowed)[..n], &want[..]);
         }
     }
 

@@ -90,10 +90,60 @@ fn gptq_group(g: Option<usize>) -> Value {
     }
 }
 
+/// What the config builders need of one exported layer, without its values, so a streaming export can describe
+/// every layer after seeing each one once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerDigest {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub kind: DigestKind,
+    /// Weights stored as zero (pruned).
+    pub zeros: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DigestKind {
+    Quantized { params: QuantParams, mask_2_4: bool },
+    Dense,
+    Sparse24,
+}
+
+impl LayerDigest {
+    pub fn of(name: &str, layer: &LayerRef<'_>) -> Self {
+        let (rows, cols) = layer.shape();
+        let zero_values = |m: &super::Matrix| m.data.iter().filter(|&&v| v == 0.0).count();
+        let (kind, zeros) = match layer {
+            LayerRef::Quantized(q) => (
+                DigestKind::Quantized { params: QuantParams::of(q), mask_2_4: mask_is_2_4(q) },
+                q.mask.as_ref().map_or(0, |m| m.iter().filter(|&&k| !k).count()),
+            ),
+            LayerRef::Dense(m) => (DigestKind::Dense, zero_values(m)),
+            LayerRef::Sparse24(m) => (DigestKind::Sparse24, zero_values(m)),
+        };
+        Self { name: name.to_string(), rows, cols, kind, zeros }
+    }
+
+    pub fn quant_params(&self) -> Option<QuantParams> {
+        match self.kind {
+            DigestKind::Quantized { params, .. } => Some(params),
+            _ => None,
+        }
+    }
+}
+
+fn digests(layers: &[(String, LayerRef<'_>)]) -> Vec<LayerDigest> {
+    layers.iter().map(|(n, l)| LayerDigest::of(n, l)).collect()
+}
+
 /// The GPTQ `quantization_config` for these layers (run [`super::check_exportable`] first).
 pub fn gptq_quantization_config(layers: &[(String, LayerRef<'_>)], opts: &GptqConfigOptions) -> Result<Value> {
-    let schemes: Vec<(&str, Option<QuantParams>)> =
-        layers.iter().map(|(n, l)| (n.as_str(), l.quantized().map(QuantParams::of))).collect();
+    gptq_quantization_config_of(&digests(layers), opts)
+}
+
+/// [`gptq_quantization_config`] from layer digests.
+pub fn gptq_quantization_config_of(layers: &[LayerDigest], opts: &GptqConfigOptions) -> Result<Value> {
+    let schemes: Vec<(&str, Option<QuantParams>)> = layers.iter().map(|l| (l.name.as_str(), l.quant_params())).collect();
     // The most common scheme goes top-level so the dynamic overrides stay few; ties go to the first seen.
     let mut counts: Vec<(QuantParams, usize)> = Vec::new();
     for p in schemes.iter().filter_map(|(_, p)| *p) {
@@ -175,37 +225,37 @@ fn mask_is_2_4(q: &QuantizedLinear) -> bool {
 
 /// The compressed-tensors `quantization_config` for these layers (run [`super::check_exportable`] first).
 pub fn compressed_tensors_quantization_config(layers: &[(String, LayerRef<'_>)]) -> Result<Value> {
+    compressed_tensors_quantization_config_of(&digests(layers))
+}
+
+/// [`compressed_tensors_quantization_config`] from layer digests.
+pub fn compressed_tensors_quantization_config_of(layers: &[LayerDigest]) -> Result<Value> {
     let mut groups: Vec<(QuantParams, Vec<String>)> = Vec::new();
     let mut ignore: Vec<String> = Vec::new();
     let mut bitmask_targets = Vec::new();
     let mut dense_24_targets = Vec::new();
     let (mut zeros, mut total) = (0usize, 0usize);
-    for (name, layer) in layers {
-        match layer {
-            LayerRef::Quantized(q) => {
-                let p = QuantParams::of(q);
+    for layer in layers {
+        let name = &layer.name;
+        match layer.kind {
+            DigestKind::Quantized { params: p, mask_2_4 } => {
                 let target = format!("re:{}", exact_name_regex(name));
                 match groups.iter_mut().find(|(g, _)| *g == p) {
                     Some((_, t)) => t.push(target),
                     None => groups.push((p, vec![target])),
                 }
-                if mask_is_2_4(q) {
+                if mask_2_4 {
                     dense_24_targets.push(format!("re:{}", exact_name_regex(name)));
                 }
-                zeros += q.mask.as_ref().map_or(0, |m| m.iter().filter(|&&k| !k).count());
             }
-            LayerRef::Dense(m) => {
-                ignore.push(name.clone());
-                zeros += m.data.iter().filter(|&&v| v == 0.0).count();
-            }
-            LayerRef::Sparse24(m) => {
+            DigestKind::Dense => ignore.push(name.clone()),
+            DigestKind::Sparse24 => {
                 ignore.push(name.clone());
                 bitmask_targets.push(format!("re:{}", exact_name_regex(name)));
-                zeros += m.data.iter().filter(|&&v| v == 0.0).count();
             }
         }
-        let (r, c) = layer.shape();
-        total += r * c;
+        zeros += layer.zeros;
+        total += layer.rows * layer.cols;
     }
     if !ignore.iter().any(|n| n == "lm_head") {
         ignore.push("lm_head".into());

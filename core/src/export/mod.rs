@@ -40,7 +40,10 @@ pub use config::{
     parse_quantization_config, resolve_all, GptqConfigOptions, ModuleScheme, QuantConfig, QuantParams,
 };
 pub use error::{ExportError, Result};
-pub use model::{check_plan, check_target, export_model, parse_size, ExportOptions, ExportReport, ModelCard, ModelFormat};
+pub use model::{
+    check_plan, check_target, export_model, export_model_from, parse_size, ExportOptions, ExportReport, ModelCard, ModelFormat,
+    QuantizedSource,
+};
 pub use gptq::{check_gptq, pack_gptq, unpack_gptq, GptqTensors, GPTQ_BITS};
 pub use shards::{write_safetensors_file, write_safetensors_sharded, INDEX_FILE, SINGLE_FILE};
 pub use tensor::{Dtype, FloatDtype, Packed, RawTensor, TensorOut};
@@ -97,16 +100,7 @@ pub fn check_exportable(format: ExportFormat, layers: &[(String, LayerRef<'_>)])
             errors.push(ExportError::layer(name, "listed twice"));
             continue;
         }
-        let result = match (format, layer) {
-            (ExportFormat::Gptq, LayerRef::Quantized(q)) => check_gptq(name, q),
-            (ExportFormat::CompressedTensors { dtype }, LayerRef::Quantized(q)) => check_pack_quantized(name, q, dtype),
-            (ExportFormat::CompressedTensors { dtype }, LayerRef::Sparse24(m)) => {
-                compressed_tensors::check_sparse24_alongside(name, any_quantized)
-                    .and_then(|_| check_sparse24(name, m, dtype).map(|_| ()))
-            }
-            (_, LayerRef::Dense(m)) | (ExportFormat::Gptq, LayerRef::Sparse24(m)) => check_matrix(name, m),
-        };
-        if let Err(e) = result {
+        if let Err(e) = check_layer(format, name, layer, any_quantized) {
             errors.push(e);
         }
     }
@@ -121,6 +115,19 @@ pub fn check_exportable(format: ExportFormat, layers: &[(String, LayerRef<'_>)])
             .push(ExportError::layer("(model)", "no layer is quantized or 2:4 compressed; export it as a dense model"));
     }
     ExportError::collect(errors)
+}
+
+/// The per-layer part of [`check_exportable`]; `any_quantized`: whether the export holds any quantized layer.
+pub(crate) fn check_layer(format: ExportFormat, name: &str, layer: &LayerRef<'_>, any_quantized: bool) -> Result<()> {
+    match (format, layer) {
+        (ExportFormat::Gptq, LayerRef::Quantized(q)) => check_gptq(name, q),
+        (ExportFormat::CompressedTensors { dtype }, LayerRef::Quantized(q)) => check_pack_quantized(name, q, dtype),
+        (ExportFormat::CompressedTensors { dtype }, LayerRef::Sparse24(m)) => {
+            compressed_tensors::check_sparse24_alongside(name, any_quantized)
+                .and_then(|_| check_sparse24(name, m, dtype).map(|_| ()))
+        }
+        (_, LayerRef::Dense(m)) | (ExportFormat::Gptq, LayerRef::Sparse24(m)) => check_matrix(name, m),
+    }
 }
 
 fn check_matrix(layer: &str, m: &Matrix) -> Result<()> {

@@ -22,7 +22,7 @@ mod files;
 mod layers;
 mod precheck;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -30,10 +30,9 @@ use serde::{Deserialize, Serialize};
 pub use card::ModelCard;
 pub use precheck::check_plan;
 
-use super::{
-    check_exportable, kernel_warnings, write_atomic_dir, write_safetensors_sharded, ExportError, ExportFormat,
-    FloatDtype, RawTensor,
-};
+use super::config::LayerDigest;
+use super::shards::{write_safetensors_streamed, TensorMeta};
+use super::{check_layer, kernel_warnings, write_atomic_dir, ExportError, ExportFormat, FloatDtype, RawTensor};
 use crate::compress::types::QuantizedLinear;
 use crate::error::{Result, WhittleError};
 use crate::model::LoadedModel;
@@ -202,6 +201,24 @@ pub fn check_target(opts: &ExportOptions, source_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Where an export gets the integer forms of the quantized linears: a map in memory, or a compression checkpoint
+/// read one decoder layer at a time, so an export of a 7B model holds one layer's codes, not all of them.
+pub trait QuantizedSource {
+    /// (module, rows, cols) of every linear with an integer form.
+    fn shapes(&self) -> Result<Vec<(String, usize, usize)>>;
+    /// The integer forms of decoder layer `layer`'s linears (`None`: of the linears outside the blocks, the LM head).
+    fn forms(&self, layer: Option<usize>) -> Result<BTreeMap<String, QuantizedLinear>>;
+}
+
+impl QuantizedSource for BTreeMap<String, QuantizedLinear> {
+    fn shapes(&self) -> Result<Vec<(String, usize, usize)>> {
+        Ok(self.iter().map(|(n, q)| (n.clone(), q.rows, q.cols)).collect())
+    }
+    fn forms(&self, layer: Option<usize>) -> Result<BTreeMap<String, QuantizedLinear>> {
+        Ok(self.iter().filter(|(n, _)| layers::group_of(n) == layer).map(|(n, q)| (n.clone(), q.clone())).collect())
+    }
+}
+
 /// Exports `loaded` (a compressed model whose quantized linears hold their dequantized weights, or an imported
 /// checkpoint) with the integer form of its quantized linears, `quantized` (from `compress_model` or
 /// `LoadedModel::quantized`). `progress(done, total)` is called as layers are packed and when the files are written.
@@ -214,41 +231,134 @@ pub fn export_model(
     opts: &ExportOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ExportReport> {
+    export_model_from(loaded, quantized, opts, progress)
+}
+
+/// One group of linears (a decoder block, or the LM head) decided, checked and packed.
+struct GroupBuilt {
+    tensors: Tensors,
+    rows: Vec<layers::LayerRow>,
+    digests: Vec<LayerDigest>,
+    errors: Vec<ExportError>,
+    any_sparse24: bool,
+    rounded: Vec<String>,
+    dense_24: Vec<String>,
+    warnings: Vec<String>,
+}
+
+fn build_group(
+    loaded: &LoadedModel,
+    source: &dyn QuantizedSource,
+    group: Option<usize>,
+    layout: Layout,
+    model_dtype: FloatDtype,
+    any_quantized: bool,
+) -> Result<GroupBuilt> {
+    let forms = source.forms(group)?;
+    let linears = layers::model_linears_of(loaded, group, &forms);
+    let mut out = GroupBuilt {
+        tensors: Vec::new(),
+        rows: Vec::new(),
+        digests: Vec::new(),
+        errors: Vec::new(),
+        any_sparse24: false,
+        rounded: Vec::new(),
+        dense_24: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let built = match layout {
+        Layout::Packed(format) => {
+            let decided = layers::decide(&linears, format, model_dtype, any_quantized, &mut out.dense_24)?;
+            let refs = layers::refs(&linears, &decided);
+            out.errors = refs.iter().filter_map(|(n, r)| check_layer(format, n, r, any_quantized).err()).collect();
+            out.warnings = kernel_warnings(format, &refs);
+            out.digests = refs.iter().map(|(n, r)| LayerDigest::of(n, r)).collect();
+            out.any_sparse24 = refs.iter().any(|(_, r)| matches!(r, super::LayerRef::Sparse24(_)));
+            if !out.errors.is_empty() {
+                return Ok(out);
+            }
+            layers::packed_tensors(&linears, &decided, format, model_dtype)?
+        }
+        Layout::Dense(dtype) => layers::dense_tensors(&linears, dtype)?,
+    };
+    out.tensors = built.tensors;
+    out.rows = built.summary.layers;
+    out.rounded = built.rounded;
+    Ok(out)
+}
+
+/// [`export_model`] with the integer forms from any [`QuantizedSource`]. The export runs in two passes over the
+/// groups of linears (each decoder block, then the LM head): the first decides, checks and packs every group to
+/// learn every tensor's size, the second packs each group again while its tensors are streamed into the files.
+/// So memory holds one group's integer forms and tensors at a time, plus one copied tensor.
+pub fn export_model_from(
+    loaded: &LoadedModel,
+    source: &dyn QuantizedSource,
+    opts: &ExportOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ExportReport> {
     check_target(opts, &loaded.dir)?;
     let model_dtype = layers::model_dtype(loaded);
-    let linears = layers::model_linears(loaded, quantized)?;
-    let total = linears.len() + 1;
-    let mut warnings = Vec::new();
+    let shapes = source.shapes()?;
+    layers::check_forms(loaded, &shapes)?;
+    let any_quantized = !shapes.is_empty();
     let layout = opts.format.layout(model_dtype);
+    let groups = layers::groups(loaded);
+    let total = 2 * groups.len() + 1;
 
-    // Decide and check every layer; build every tensor in memory.
-    let (mut tensors, summary) = match layout {
-        Layout::Packed(format) => {
-            let decided = layers::decide(&linears, format, model_dtype, &mut warnings)?;
-            let refs = layers::refs(&linears, &decided);
-            check_exportable(format, &refs)?;
-            warnings.extend(kernel_warnings(format, &refs));
-            let qc = match format {
-                ExportFormat::Gptq => super::gptq_quantization_config(&refs, &Default::default())?,
-                ExportFormat::CompressedTensors { .. } => super::compressed_tensors_quantization_config(&refs)?,
-            };
-            let built = layers::packed_tensors(&linears, &decided, format, model_dtype, &mut warnings, &mut |i| {
-                progress(i, total)
-            })?;
-            (built.tensors, layers::Summary { quantization_config: Some(qc), ..built.summary })
+    // Pass 1: decide, check and pack every group; keep only what describes it.
+    let mut warnings = Vec::new();
+    let (mut errors, mut digests, mut rows, mut rounded, mut dense_24) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut any_sparse24 = false;
+    let mut metas = Vec::new();
+    let mut group_of_tensor: HashMap<String, usize> = HashMap::new();
+    for (i, &g) in groups.iter().enumerate() {
+        let built = build_group(loaded, source, g, layout, model_dtype, any_quantized)?;
+        errors.extend(built.errors);
+        warnings.extend(built.warnings);
+        digests.extend(built.digests);
+        rows.extend(built.rows);
+        rounded.extend(built.rounded);
+        dense_24.extend(built.dense_24);
+        any_sparse24 |= built.any_sparse24;
+        for (name, t) in &built.tensors {
+            metas.push(TensorMeta::of(name, t));
+            group_of_tensor.insert(name.clone(), i);
         }
-        Layout::Dense(dtype) => {
-            let built = layers::dense_tensors(&linears, dtype, &mut warnings, &mut |i| progress(i, total))?;
-            (built.tensors, built.summary)
-        }
+        progress(i + 1, total);
+    }
+    let nothing = match layout {
+        Layout::Packed(ExportFormat::Gptq) => !any_quantized,
+        Layout::Packed(ExportFormat::CompressedTensors { .. }) => !any_quantized && !any_sparse24,
+        Layout::Dense(_) => false,
     };
+    if nothing && errors.is_empty() {
+        errors.push(ExportError::layer("(model)", "no layer is quantized or 2:4 compressed; export it as a dense model"));
+    }
+    ExportError::collect(errors)?;
+    warnings.extend(layers::dense_24_note(&dense_24, any_quantized));
+    let rounded_dtype = match layout {
+        Layout::Dense(d) => d,
+        Layout::Packed(_) => model_dtype,
+    };
+    warnings.extend(layers::rounded_note(&rounded, rounded_dtype));
+    let quantization_config = match layout {
+        Layout::Packed(ExportFormat::Gptq) => Some(super::config::gptq_quantization_config_of(&digests, &Default::default())?),
+        Layout::Packed(ExportFormat::CompressedTensors { .. }) => Some(super::config::compressed_tensors_quantization_config_of(&digests)?),
+        Layout::Dense(_) => None,
+    };
+    let summary = layers::Summary { quantization_config, layers: rows };
+
     let (convert, out_dtype) = match layout {
         Layout::Dense(d) => (Some(d), d),
         Layout::Packed(_) => (None, model_dtype),
     };
-    let linear_names: HashSet<&str> = linears.iter().map(|l| l.name.as_str()).collect();
-    tensors.extend(layers::other_tensors(loaded, &linear_names, convert)?);
-    tensors.sort_by_cached_key(|(name, _)| layers::order_key(name));
+    let all_linears = layers::linear_names(loaded);
+    let linear_names: HashSet<&str> = all_linears.iter().map(String::as_str).collect();
+    for name in layers::other_tensor_names(loaded, &linear_names) {
+        metas.push(TensorMeta::of(&name, &layers::other_tensor(loaded, &name, convert)?));
+    }
+    metas.sort_by_cached_key(|m| layers::order_key(&m.name));
 
     let config = files::config_json(&loaded.model.config.raw, summary.quantization_config.as_ref(), out_dtype)?;
     let readme = card::render(
@@ -269,8 +379,25 @@ pub fn export_model(
         _ => None,
     };
 
+    // Pass 2: stream the tensors into the files in shard order, packing each group again when its first tensor is due.
+    let mut current: Option<(usize, HashMap<String, RawTensor>)> = None;
+    let mut groups_written = 0;
+    let mut feed = |meta: &TensorMeta| -> std::result::Result<RawTensor, ExportError> {
+        let Some(&g) = group_of_tensor.get(&meta.name) else {
+            return layers::other_tensor(loaded, &meta.name, convert).map_err(|e| ExportError::tensor(&meta.name, e.to_string()));
+        };
+        if current.as_ref().map(|(c, _)| *c) != Some(g) {
+            let built = build_group(loaded, source, groups[g], layout, model_dtype, any_quantized)
+                .map_err(|e| ExportError::tensor(&meta.name, e.to_string()))?;
+            current = Some((g, built.tensors.into_iter().collect()));
+            groups_written += 1;
+            progress(groups.len() + groups_written, total);
+        }
+        let (_, tensors) = current.as_mut().expect("just built");
+        tensors.remove(&meta.name).ok_or_else(|| ExportError::tensor(&meta.name, "was not built again by its layer"))
+    };
     let (out, ()) = write_atomic_dir(&opts.out, opts.force, |dir| {
-        write_safetensors_sharded(dir, tensors, opts.max_shard_bytes, &metadata)?;
+        write_safetensors_streamed(dir, metas, opts.max_shard_bytes, &metadata, &mut feed)?;
         files::write(dir, "config.json", &config)?;
         if let Some(text) = &quantize_config {
             files::write(dir, "quantize_config.json", text)?;

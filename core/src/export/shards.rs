@@ -14,24 +14,40 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 
 use super::error::{ExportError, Result};
-use super::tensor::RawTensor;
+use super::tensor::{Dtype, RawTensor};
 
 /// The file name of an unsharded checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
 /// The index file of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// A tensor to be written: name, dtype, shape and byte length, known before its bytes exist, so a file's header
+/// can be written first and the data streamed after it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorMeta {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: usize,
+}
+
+impl TensorMeta {
+    pub fn of(name: &str, t: &RawTensor) -> Self {
+        Self { name: name.to_string(), dtype: t.dtype, shape: t.shape.clone(), bytes: t.data.len() }
+    }
+}
+
 /// The header (length prefix excluded) of a file holding `tensors` back to back in the given order, padded with
 /// spaces to make `8 + header.len()` a multiple of 8.
-fn header(tensors: &[(String, RawTensor)], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+fn header(tensors: &[TensorMeta], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let mut map = Map::new();
     let mut meta = metadata.clone();
     meta.entry("format".into()).or_insert_with(|| "pt".into());
     map.insert("__metadata__".into(), json!(meta));
     let mut offset = 0usize;
-    for (name, t) in tensors {
-        let end = offset + t.data.len();
-        map.insert(name.clone(), json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, end]}));
+    for t in tensors {
+        let end = offset + t.bytes;
+        map.insert(t.name.clone(), json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, end]}));
         offset = end;
     }
     let mut bytes = serde_json::to_vec(&Value::Object(map))
@@ -40,23 +56,56 @@ fn header(tensors: &[(String, RawTensor)], metadata: &BTreeMap<String, String>) 
     Ok(bytes)
 }
 
-fn check_tensors(tensors: &[(String, RawTensor)]) -> Result<()> {
+fn check_tensors(tensors: &[TensorMeta]) -> Result<()> {
     let mut seen = HashSet::new();
-    for (name, t) in tensors {
+    for t in tensors {
+        let name = &t.name;
         if name.is_empty() || name == "__metadata__" {
             return Err(ExportError::tensor(name, "is not a valid tensor name"));
         }
         if !seen.insert(name.as_str()) {
             return Err(ExportError::tensor(name, "appears twice"));
         }
-        if t.data.len() != t.numel() * t.dtype.size() {
+        let numel: usize = t.shape.iter().product();
+        if t.bytes != numel * t.dtype.size() {
             return Err(ExportError::tensor(
                 name,
-                format!("{} bytes do not match dtype {} and shape {:?}", t.data.len(), t.dtype, t.shape),
+                format!("{} bytes do not match dtype {} and shape {:?}", t.bytes, t.dtype, t.shape),
             ));
         }
     }
     Ok(())
+}
+
+/// Where a streamed write gets each tensor's bytes, in the order of the metas it was given.
+pub type TensorFeed<'a> = dyn FnMut(&TensorMeta) -> Result<RawTensor> + 'a;
+
+/// Writes one safetensors file holding `tensors` in order, taking each one's bytes from `feed` as it goes (so only
+/// one tensor needs to be in memory), and flushes it to disk. A fed tensor that disagrees with its meta is an error.
+fn write_file_streamed(
+    path: &Path,
+    tensors: &[TensorMeta],
+    metadata: &BTreeMap<String, String>,
+    feed: &mut TensorFeed<'_>,
+) -> Result<()> {
+    let head = header(tensors, metadata)?;
+    let io = |e| ExportError::io(path, e);
+    let file = File::create(path).map_err(io)?;
+    let mut w = BufWriter::new(file);
+    w.write_all(&(head.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&head).map_err(io)?;
+    for meta in tensors {
+        let t = feed(meta)?;
+        if TensorMeta::of(&meta.name, &t) != *meta {
+            return Err(ExportError::tensor(
+                &meta.name,
+                format!("was planned as {} {:?} ({} bytes) but built as {} {:?} ({} bytes)", meta.dtype, meta.shape, meta.bytes, t.dtype, t.shape, t.data.len()),
+            ));
+        }
+        w.write_all(&t.data).map_err(io)?;
+    }
+    let file = w.into_inner().map_err(|e| ExportError::io(path, e.into_error()))?;
+    file.sync_all().map_err(io)
 }
 
 /// Writes one safetensors file holding `tensors` in order, and flushes it to disk.
@@ -65,18 +114,13 @@ pub fn write_safetensors_file(
     tensors: &[(String, RawTensor)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    check_tensors(tensors)?;
-    let head = header(tensors, metadata)?;
-    let io = |e| ExportError::io(path, e);
-    let file = File::create(path).map_err(io)?;
-    let mut w = BufWriter::new(file);
-    w.write_all(&(head.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&head).map_err(io)?;
-    for (_, t) in tensors {
-        w.write_all(&t.data).map_err(io)?;
-    }
-    let file = w.into_inner().map_err(|e| ExportError::io(path, e.into_error()))?;
-    file.sync_all().map_err(io)
+    let metas: Vec<TensorMeta> = tensors.iter().map(|(n, t)| TensorMeta::of(n, t)).collect();
+    check_tensors(&metas)?;
+    let mut i = 0;
+    write_file_streamed(path, &metas, metadata, &mut |_| {
+        i += 1;
+        Ok(tensors[i - 1].1.clone())
+    })
 }
 
 /// Writes `tensors` into `dir` as `model.safetensors`, or, when they exceed `max_shard_bytes`, as
@@ -89,12 +133,28 @@ pub fn write_safetensors_sharded(
     max_shard_bytes: u64,
     metadata: &BTreeMap<String, String>,
 ) -> Result<Vec<PathBuf>> {
+    let metas: Vec<TensorMeta> = tensors.iter().map(|(n, t)| TensorMeta::of(n, t)).collect();
+    let mut queue = tensors.into_iter();
+    write_safetensors_streamed(dir, metas, max_shard_bytes, metadata, &mut |_| {
+        Ok(queue.next().expect("one tensor per meta").1)
+    })
+}
+
+/// [`write_safetensors_sharded`] from metas known up front, with each tensor's bytes taken from `feed` in order
+/// while the files are written: memory holds one tensor (plus whatever `feed` keeps), whatever the model's size.
+pub fn write_safetensors_streamed(
+    dir: &Path,
+    tensors: Vec<TensorMeta>,
+    max_shard_bytes: u64,
+    metadata: &BTreeMap<String, String>,
+    feed: &mut TensorFeed<'_>,
+) -> Result<Vec<PathBuf>> {
     check_tensors(&tensors)?;
-    let total_size: u64 = tensors.iter().map(|(_, t)| t.data.len() as u64).sum();
-    let mut shards: Vec<Vec<(String, RawTensor)>> = vec![Vec::new()];
+    let total_size: u64 = tensors.iter().map(|t| t.bytes as u64).sum();
+    let mut shards: Vec<Vec<TensorMeta>> = vec![Vec::new()];
     let mut current = 0u64;
-    for (name, t) in tensors {
-        let size = t.data.len() as u64;
+    for t in tensors {
+        let size = t.bytes as u64;
         let last = shards.len() - 1;
         if !shards[last].is_empty() && current + size > max_shard_bytes {
             shards.push(Vec::new());
@@ -102,12 +162,12 @@ pub fn write_safetensors_sharded(
         }
         current += size;
         let last = shards.len() - 1;
-        shards[last].push((name, t));
+        shards[last].push(t);
     }
 
     if shards.len() == 1 {
         let path = dir.join(SINGLE_FILE);
-        write_safetensors_file(&path, &shards[0], metadata)?;
+        write_file_streamed(&path, &shards[0], metadata, feed)?;
         return Ok(vec![path]);
     }
     let k = shards.len();
@@ -116,9 +176,9 @@ pub fn write_safetensors_sharded(
     for (i, shard) in shards.iter().enumerate() {
         let file_name = format!("model-{:05}-of-{k:05}.safetensors", i + 1);
         let path = dir.join(&file_name);
-        write_safetensors_file(&path, shard, metadata)?;
-        for (name, _) in shard {
-            weight_map.insert(name.clone(), file_name.clone());
+        write_file_streamed(&path, shard, metadata, feed)?;
+        for t in shard {
+            weight_map.insert(t.name.clone(), file_name.clone());
         }
         paths.push(path);
     }

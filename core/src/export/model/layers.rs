@@ -77,6 +77,8 @@ impl Summary {
 pub(super) struct Built {
     pub tensors: Tensors,
     pub summary: Summary,
+    /// Layers whose values were rounded to the stored dtype (see [`rounded_note`]).
+    pub rounded: Vec<String>,
 }
 
 fn float_dtype(d: DType) -> FloatDtype {
@@ -97,45 +99,84 @@ fn lm_head_stored(loaded: &LoadedModel) -> bool {
     !loaded.model.config.tie_word_embeddings || loaded.store.names().any(|n| n.starts_with("lm_head."))
 }
 
-/// Every linear of the model in model order, LM head last, each with its quantized form if `quantized` has one.
-/// Refuses quantized entries that name no linear of the model or disagree with its shape: they come from another
-/// model or plan, and exporting them would write a checkpoint that decodes to something else.
-pub(super) fn model_linears<'a>(
+/// The export's groups of linears, in model order: each decoder block, then the LM head when the checkpoint stores
+/// one (`None`). A streaming export holds one group's integer forms and tensors at a time.
+pub(super) fn groups(loaded: &LoadedModel) -> Vec<Option<usize>> {
+    let mut out: Vec<Option<usize>> = (0..loaded.model.blocks.len()).map(Some).collect();
+    if lm_head_stored(loaded) {
+        out.push(None);
+    }
+    out
+}
+
+/// The group a linear belongs to (see [`groups`]), from its module name.
+pub(super) fn group_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.").and_then(|rest| rest.split_once('.')).and_then(|(n, _)| n.parse().ok())
+}
+
+/// The linears of one group in model order, each with its integer form if `forms` has one.
+pub(super) fn model_linears_of<'a>(
     loaded: &'a LoadedModel,
-    quantized: &'a BTreeMap<String, QuantizedLinear>,
-) -> Result<Vec<ModelLinear<'a>>> {
+    group: Option<usize>,
+    forms: &'a BTreeMap<String, QuantizedLinear>,
+) -> Vec<ModelLinear<'a>> {
     let model = &loaded.model;
-    let mut out = Vec::new();
-    for (l, block) in model.blocks.iter().enumerate() {
-        for (kind, lin) in LINEAR_KINDS.iter().zip(&block.linears) {
-            let name = Model::module_name(l, kind);
-            let (rows, cols) = (lin.weight.rows(), lin.weight.cols());
-            out.push(ModelLinear { quant: quantized.get(&name), name, rows, cols, weight: &lin.weight });
+    match group {
+        Some(l) => LINEAR_KINDS
+            .iter()
+            .zip(&model.blocks[l].linears)
+            .map(|(kind, lin)| {
+                let name = Model::module_name(l, kind);
+                let (rows, cols) = (lin.weight.rows(), lin.weight.cols());
+                ModelLinear { quant: forms.get(&name), name, rows, cols, weight: &lin.weight }
+            })
+            .collect(),
+        None => {
+            let w = &model.lm_head.weight;
+            vec![ModelLinear { name: "lm_head".into(), rows: w.rows(), cols: w.cols(), weight: w, quant: forms.get("lm_head") }]
         }
     }
+}
+
+/// Names of every linear the export writes (the blocks' and a stored LM head).
+pub(super) fn linear_names(loaded: &LoadedModel) -> Vec<String> {
+    let mut out: Vec<String> =
+        (0..loaded.model.blocks.len()).flat_map(|l| LINEAR_KINDS.iter().map(move |k| Model::module_name(l, k))).collect();
     if lm_head_stored(loaded) {
-        let w = &model.lm_head.weight;
-        out.push(ModelLinear {
-            name: "lm_head".into(),
-            rows: w.rows(),
-            cols: w.cols(),
-            weight: w,
-            quant: quantized.get("lm_head"),
-        });
+        out.push("lm_head".into());
     }
+    out
+}
+
+/// Refuses integer forms (name, rows, cols) that name no linear of the model or disagree with its shape: they
+/// come from another model or plan, and exporting them would write a checkpoint that decodes to something else.
+pub(super) fn check_forms(loaded: &LoadedModel, forms: &[(String, usize, usize)]) -> Result<()> {
+    let model = &loaded.model;
+    let shape_of = |name: &str| -> Option<(usize, usize)> {
+        if name == "lm_head" {
+            return lm_head_stored(loaded).then(|| (model.lm_head.weight.rows(), model.lm_head.weight.cols()));
+        }
+        let l = group_of(name)?;
+        let block = model.blocks.get(l)?;
+        LINEAR_KINDS
+            .iter()
+            .zip(&block.linears)
+            .find(|(k, _)| Model::module_name(l, k) == name)
+            .map(|(_, lin)| (lin.weight.rows(), lin.weight.cols()))
+    };
     let mut errors = Vec::new();
-    for (name, q) in quantized {
-        match out.iter().find(|l| &l.name == name) {
+    for (name, rows, cols) in forms {
+        match shape_of(name) {
             None => errors.push(ExportError::layer(name, "has a quantized form but is not a linear of this model")),
-            Some(l) if (l.rows, l.cols) != (q.rows, q.cols) => errors.push(ExportError::layer(
+            Some((r, c)) if (r, c) != (*rows, *cols) => errors.push(ExportError::layer(
                 name,
-                format!("quantized form is {}×{} but the model's layer is {}×{}", q.rows, q.cols, l.rows, l.cols),
+                format!("quantized form is {rows}×{cols} but the model's layer is {r}×{c}"),
             )),
             Some(_) => {}
         }
     }
     ExportError::collect(errors)?;
-    Ok(out)
+    Ok(())
 }
 
 /// The float values of a linear without a quantized form.
@@ -157,15 +198,16 @@ fn looks_2_4(m: &Matrix) -> bool {
 }
 
 /// Decides how each linear is stored in a packed format (see the module docs).
+/// `any_quantized`: whether the whole export holds a quantized layer. Layers with the 2:4 pattern that must stay
+/// dense are added to `dense_24` (see [`dense_24_note`]).
 pub(super) fn decide<'a>(
     linears: &[ModelLinear<'a>],
     format: ExportFormat,
     dtype: FloatDtype,
-    warnings: &mut Vec<String>,
+    any_quantized: bool,
+    dense_24: &mut Vec<String>,
 ) -> Result<Vec<Stored<'a>>> {
-    let any_quantized = linears.iter().any(|l| l.quant.is_some());
     let ct = matches!(format, ExportFormat::CompressedTensors { .. });
-    let mut dense_24 = Vec::new();
     let mut out = Vec::with_capacity(linears.len());
     for l in linears {
         if let Some(q) = l.quant {
@@ -182,15 +224,19 @@ pub(super) fn decide<'a>(
         }
         out.push(Stored::Dense(m));
     }
-    if !dense_24.is_empty() {
-        warnings.push(format!(
+    Ok(out)
+}
+
+/// The warning for 2:4 layers [`decide`] kept dense, if any.
+pub(super) fn dense_24_note(dense_24: &[String], any_quantized: bool) -> Option<String> {
+    (!dense_24.is_empty()).then(|| {
+        format!(
             "{}: 2:4 sparse but stored dense with zeros ({}); compressed-tensors cannot hold bitmask-compressed \
              layers next to quantized ones",
             dense_24.join(", "),
             if any_quantized { "the checkpoint also holds quantized layers" } else { "a kept value rounds to 0" }
-        ));
-    }
-    Ok(out)
+        )
+    })
 }
 
 /// The layers as the format checks and config builders take them.
@@ -269,7 +315,7 @@ fn bytes_of(t: &Tensors) -> usize {
     t.iter().map(|(_, t)| t.data.len()).sum()
 }
 
-fn rounded_note(names: &[String], dtype: FloatDtype) -> Option<String> {
+pub(super) fn rounded_note(names: &[String], dtype: FloatDtype) -> Option<String> {
     (!names.is_empty()).then(|| {
         format!(
             "{}: values rounded to {} (the in-memory weights are wider), so this checkpoint is not bit-identical to \
@@ -286,13 +332,11 @@ pub(super) fn packed_tensors(
     stored: &[Stored<'_>],
     format: ExportFormat,
     dtype: FloatDtype,
-    warnings: &mut Vec<String>,
-    progress: &mut dyn FnMut(usize),
 ) -> Result<Built> {
     let mut tensors = Vec::new();
     let mut summary = Summary::default();
     let mut rounded = Vec::new();
-    for (i, (l, s)) in linears.iter().zip(stored).enumerate() {
+    for (l, s) in linears.iter().zip(stored) {
         let name = &l.name;
         let (layer, kind, desc): (Tensors, _, _) = match (s, format) {
             (Stored::Quantized(q), ExportFormat::Gptq) => {
@@ -324,23 +368,16 @@ pub(super) fn packed_tensors(
             bytes: bytes_of(&layer),
         });
         tensors.extend(layer);
-        progress(i + 1);
     }
-    warnings.extend(rounded_note(&rounded, dtype));
-    Ok(Built { tensors, summary })
+    Ok(Built { tensors, summary, rounded })
 }
 
 /// The tensors of every linear as dense `dtype` weights (quantized layers dequantized).
-pub(super) fn dense_tensors(
-    linears: &[ModelLinear<'_>],
-    dtype: FloatDtype,
-    warnings: &mut Vec<String>,
-    progress: &mut dyn FnMut(usize),
-) -> Result<Built> {
+pub(super) fn dense_tensors(linears: &[ModelLinear<'_>], dtype: FloatDtype) -> Result<Built> {
     let mut tensors = Vec::new();
     let mut summary = Summary::default();
     let mut rounded = Vec::new();
-    for (i, l) in linears.iter().enumerate() {
+    for l in linears {
         let (t, r) = weight_tensor(l, None, dtype)?;
         if r {
             rounded.push(l.name.clone());
@@ -358,42 +395,38 @@ pub(super) fn dense_tensors(
             bytes: t.data.len(),
         });
         tensors.push((format!("{}.weight", l.name), t));
-        progress(i + 1);
     }
-    warnings.extend(rounded_note(&rounded, dtype));
-    Ok(Built { tensors, summary })
+    Ok(Built { tensors, summary, rounded })
 }
 
-/// Every stored tensor that is not a linear's weight (embeddings, norms, biases, buffers), as stored, or with floats
-/// converted to `convert` for the f16/bf16 formats.
-pub(super) fn other_tensors(
-    loaded: &LoadedModel,
-    linear_names: &HashSet<&str>,
-    convert: Option<FloatDtype>,
-) -> Result<Tensors> {
+/// Every stored tensor that is not a linear's weight (embeddings, norms, biases, buffers).
+pub(super) fn other_tensor_names(loaded: &LoadedModel, linear_names: &HashSet<&str>) -> Vec<String> {
+    loaded
+        .store
+        .names()
+        .filter(|name| match name.rsplit_once('.') {
+            Some((owner, suffix)) => !(linear_names.contains(owner) && suffix != "bias"),
+            None => true,
+        })
+        .cloned()
+        .collect()
+}
+
+/// One of [`other_tensor_names`] as stored, or with floats converted to `convert` for the f16/bf16 formats.
+pub(super) fn other_tensor(loaded: &LoadedModel, name: &str, convert: Option<FloatDtype>) -> Result<RawTensor> {
     let store = &loaded.store;
-    let mut out = Vec::new();
-    for name in store.names() {
-        if let Some((owner, suffix)) = name.rsplit_once('.') {
-            if linear_names.contains(owner) && suffix != "bias" {
-                continue;
-            }
+    let (dt, shape, bytes) = store.raw(name)?;
+    let dtype = Dtype::from_safetensors(dt).ok_or_else(|| {
+        WhittleError::field(store.path_of(name), name, format!("dtype {dt:?} cannot be copied into an export"))
+    })?;
+    let t = RawTensor::from_bytes(name, dtype, shape, bytes.as_slice().to_vec())
+        .map_err(|e| WhittleError::file(store.path_of(name), e.to_string()))?;
+    Ok(match convert {
+        Some(to) if matches!(t.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) && t.dtype != to.into() => {
+            RawTensor::from_f32_rounded(to, t.shape.clone(), &t.to_f32(name)?)
         }
-        let (dt, shape, bytes) = store.raw(name)?;
-        let dtype = Dtype::from_safetensors(dt).ok_or_else(|| {
-            WhittleError::field(store.path_of(name), name, format!("dtype {dt:?} cannot be copied into an export"))
-        })?;
-        let t = RawTensor::from_bytes(name, dtype, shape, bytes.as_slice().to_vec())
-            .map_err(|e| WhittleError::file(store.path_of(name), e.to_string()))?;
-        let t = match convert {
-            Some(to) if matches!(t.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) && t.dtype != to.into() => {
-                RawTensor::from_f32_rounded(to, t.shape.clone(), &t.to_f32(name)?)
-            }
-            _ => t,
-        };
-        out.push((name.clone(), t));
-    }
-    Ok(out)
+        _ => t,
+    })
 }
 
 /// Shard order: the embedding, then block by block (numerically, so block 10 follows block 9), then the rest; a

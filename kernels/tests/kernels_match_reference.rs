@@ -527,6 +527,31 @@ fn packed_q8_large_parallel_and_outliers() {
     }
 }
 
+/// One token through an int16-activation kernel (`q16`) against the reference within its bound, and `matmul`
+/// (`default`) equal to it where the CPU runs that kernel for single tokens (the exact-path tolerance elsewhere).
+/// Returns the error over the bound.
+fn check_q16_and_default(
+    what: &str,
+    q16: impl Fn(&[f32], &mut [f32]),
+    default: impl Fn(&[f32], &mut [f32]),
+    x: &[f32],
+    dense: &[f32],
+    (rows, cols): (usize, usize),
+) -> f64 {
+    let want = reference(dense, rows, cols, x, 1);
+    let mut y = vec![f32::NAN; rows];
+    q16(x, &mut y);
+    let worst = check_int_act(what, &y, &want, dense, x, (rows, cols), 32767.0);
+    let mut y2 = vec![f32::NAN; rows];
+    default(x, &mut y2);
+    if cpu_has_vnni() {
+        assert_eq!(y, y2, "{what}: matmul on one token runs the int16 kernel");
+    } else {
+        check(what, &y2, &want);
+    }
+    worst
+}
+
 /// The decode default on VNNI CPUs: int16 activations. Same shapes as the q8 test, plus outliers; the bound is
 /// `Σ_c |W[r,c]|·max|x|/65534` plus the f32 tolerance, and `matmul` on one token must be this kernel.
 #[test]
@@ -544,18 +569,9 @@ fn packed_q16_matches_reference_within_int16_activation_error() {
                 if outliers {
                     x[cols / 3] = 40.0;
                 }
-                let want = reference(&dense, rows, cols, &x, 1);
-                let mut y = vec![f32::NAN; rows];
-                w.matmul_q16(&x, 1, &mut y);
                 let what = format!("q16 {rows}x{cols} g{group} sym={sym} act_order={act_order} outliers={outliers}");
-                worst = worst.max(check_int_act(&what, &y, &want, &dense, &x, (rows, cols), 32767.0));
-                let mut y2 = vec![f32::NAN; rows];
-                w.matmul(&x, 1, &mut y2);
-                if cpu_has_vnni() {
-                    assert_eq!(y, y2, "{what}: matmul on one token runs the int16 kernel");
-                } else {
-                    check(&what, &y2, &want);
-                }
+                let (q16, default) = (|x: &[f32], y: &mut [f32]| w.matmul_q16(x, 1, y), |x: &[f32], y: &mut [f32]| w.matmul(x, 1, y));
+                worst = worst.max(check_q16_and_default(&what, q16, default, &x, &dense, (rows, cols)));
             }
         }
     }
@@ -610,18 +626,9 @@ fn sparse24_q16_matches_reference_within_int16_activation_error() {
             if cols > 200 {
                 x[cols / 2] = 30.0;
             }
-            let want = reference(&dense, rows, cols, &x, 1);
-            let mut y = vec![f32::NAN; rows];
-            w.matmul_q16(&x, 1, &mut y);
             let what = format!("sparse24 q16 {rows}x{cols} g{group} sym={sym}");
-            worst = worst.max(check_int_act(&what, &y, &want, &dense, &x, (rows, cols), 32767.0));
-            let mut y2 = vec![f32::NAN; rows];
-            w.matmul(&x, 1, &mut y2);
-            if cpu_has_vnni() {
-                assert_eq!(y, y2, "{what}: matmul on one token runs the int16 kernel");
-            } else {
-                check(&what, &y2, &want);
-            }
+            let (q16, default) = (|x: &[f32], y: &mut [f32]| w.matmul_q16(x, 1, y), |x: &[f32], y: &mut [f32]| w.matmul(x, 1, y));
+            worst = worst.max(check_q16_and_default(&what, q16, default, &x, &dense, (rows, cols)));
         }
     }
     eprintln!("sparse24 q16: worst error / bound = {worst:.3}");

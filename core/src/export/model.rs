@@ -4,8 +4,11 @@
 //!
 //! Why it is shaped this way:
 //! * **Everything is checked before anything is written.** The target folder, the per-layer format checks
-//!   ([`check_exportable`]) and the packing of every layer all run in memory first; only then is the folder written,
-//!   through [`write_atomic_dir`], so a refused, failed or killed export never leaves a folder at the final path.
+//!   ([`check_layer`]) and the packing of every layer all run first; only then is the folder written, through
+//!   [`write_atomic_dir`], so a refused, failed or killed export never leaves a folder at the final path.
+//! * **One decoder layer at a time.** The first pass keeps only each tensor's name, dtype and shape; the second
+//!   packs each layer again while its tensors stream into the shards ([`QuantizedSource`] can read the integer
+//!   forms from a compression checkpoint), so a 7B export holds one layer's codes and tensors, not the model's.
 //! * **Codes, not floats, are exported.** Quantized layers are packed from the [`QuantizedLinear`]s the compressor
 //!   (or an import) produced, so the checkpoint decodes to exactly the weights the in-memory model ran.
 //! * **Everything that is not a linear is copied byte for byte** from the source checkpoint (embeddings, norms,

@@ -17,6 +17,7 @@ use crate::model::{Model, LINEAR_KINDS};
 use crate::plan::ResolvedPlan;
 use whittle_kernels::{DenseWeight, Weight};
 use safetensors::tensor::{Dtype, TensorView};
+use memmap2::Mmap;
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -60,7 +61,7 @@ impl CheckpointDir {
     }
 
     fn layer_path(&self, layer: usize) -> PathBuf {
-        self.dir.join(format!("layer-{layer:05}.safetensors"))
+        layer_file(&self.dir, layer)
     }
 
     /// How many leading layers are finished.
@@ -78,31 +79,45 @@ pub struct CheckpointForms {
 }
 
 impl CheckpointForms {
-    /// Opens the finished checkpoint in `dir` (every one of `num_layers` layers must be there), reading each layer
-    /// once to check it and learn its shapes.
+    /// Opens the finished checkpoint in `dir` (every one of `num_layers` layers must be there), learning the
+    /// quantized linears' shapes from the layer files' headers.
     pub fn open(dir: &Path, num_layers: usize) -> Result<Self> {
         let forms = Self { dir: dir.to_path_buf(), shapes: Vec::new() };
         let mut shapes = Vec::new();
         for l in 0..num_layers {
-            for (name, w) in forms.layer(l)?.weights.into_iter().map(|(k, w)| (Model::module_name(l, LINEAR_KINDS[k]), w)) {
-                if let CompressedWeight::Quantized(q) = w {
-                    shapes.push((name, q.rows, q.cols));
-                }
+            let path = forms.layer_path(l);
+            for (name, shape) in layer_tensors(&path)? {
+                let Some(k) = name.strip_suffix(".codes").and_then(|kind| (0..LINEAR_KINDS.len()).find(|&k| kind_name(k) == kind)) else {
+                    continue;
+                };
+                let [rows, cols] = shape[..] else {
+                    return Err(WhittleError::field(&path, &name, format!("shape {shape:?} is not 2-D")));
+                };
+                shapes.push((Model::module_name(l, LINEAR_KINDS[k]), rows, cols));
             }
         }
+        shapes.sort();
         Ok(Self { shapes, ..forms })
     }
 
+    fn layer_path(&self, l: usize) -> PathBuf {
+        layer_file(&self.dir, l)
+    }
+
     fn layer(&self, l: usize) -> Result<FinishedLayer> {
-        let path = self.dir.join(format!("layer-{l:05}.safetensors"));
-        read_layer(&path, l)?.ok_or_else(|| WhittleError::file(&path, "missing: the compression did not finish"))
+        let path = self.layer_path(l);
+        read_layer(&path, l)?.ok_or_else(|| missing_layer(&path))
     }
 
     /// Puts the compressed linears into `model` (a fresh load of the original): float ones as f32 and, with
     /// `pack_quantized`, quantized ones in the packed form the kernels run (a 7B model would not fit dequantized).
-    /// Without it the quantized linears keep the original weights, for an export that reads their integer forms here.
+    /// Without it the quantized linears keep the original weights, for an export that reads their integer forms here,
+    /// and a layer without float linears is not read at all.
     pub fn apply_to(&self, model: &mut Model, pack_quantized: bool) -> Result<()> {
         for l in 0..model.blocks.len() {
+            if !pack_quantized && !layer_tensors(&self.layer_path(l))?.iter().any(|(name, _)| name.ends_with(".weight")) {
+                continue;
+            }
             for (k, w) in self.layer(l)?.weights {
                 let lin = &mut model.blocks[l].linears[k];
                 match w {
@@ -213,13 +228,38 @@ fn encode(layer: &FinishedLayer) -> Vec<u8> {
     safetensors::serialize(views, Some(metadata)).expect("in-memory serialization")
 }
 
-/// Reads one layer file; `None` when it does not exist. A damaged file is an error naming it and the field.
-fn read_layer(path: &Path, layer: usize) -> Result<Option<FinishedLayer>> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+/// The file of finished layer `layer` in a checkpoint folder.
+fn layer_file(dir: &Path, layer: usize) -> PathBuf {
+    dir.join(format!("layer-{layer:05}.safetensors"))
+}
+
+fn missing_layer(path: &Path) -> WhittleError {
+    WhittleError::file(path, "missing: the compression did not finish")
+}
+
+/// Maps one layer file; `None` when it does not exist. Mapped rather than read: a 7B layer is 0.2 GB, and a caller
+/// that needs only the header (which tensors, which shapes) then touches one page.
+fn map_layer(path: &Path) -> Result<Option<Mmap>> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(WhittleError::io(path, e)),
     };
+    // SAFETY: read-only map of a file this job wrote under a temporary name and renamed; nothing changes it in place.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| WhittleError::io(path, e))?;
+    Ok(Some(map))
+}
+
+/// The names and shapes of a finished layer file's tensors, from its header alone.
+fn layer_tensors(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    let map = map_layer(path)?.ok_or_else(|| missing_layer(path))?;
+    let (_, meta) = SafeTensors::read_metadata(&map).map_err(|e| WhittleError::file(path, format!("damaged checkpoint layer: {e}")))?;
+    Ok(meta.tensors().into_iter().map(|(name, info)| (name, info.shape.clone())).collect())
+}
+
+/// Reads one layer file; `None` when it does not exist. A damaged file is an error naming it and the field.
+fn read_layer(path: &Path, layer: usize) -> Result<Option<FinishedLayer>> {
+    let Some(bytes) = map_layer(path)? else { return Ok(None) };
     let bad = |field: &str, why: String| WhittleError::field(path, field, why);
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| WhittleError::file(path, format!("damaged checkpoint layer: {e}")))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| WhittleError::file(path, format!("damaged checkpoint layer: {e}")))?;

@@ -6,7 +6,6 @@
 
 use crate::calib::{collect_hessian, collect_hessian_and_cross, run_block_with, slots_of, AttnCache};
 use crate::compress::error_feedback::{cross_product, shift_by};
-use crate::compress::Method;
 use crate::compress::{compress_layer, relative_error, CompressError, Matrix, QuantizedLinear};
 use crate::error::{Result, WhittleError};
 use crate::model::{Model, Site, LINEAR_KINDS};
@@ -217,7 +216,7 @@ pub fn compress_model_with(
                 };
                 // Hessian-based methods compress the error-feedback target; the baselines round the weights as they are.
                 let w = match (cross.as_ref(), job.method) {
-                    (Some(d), Method::Gptq | Method::SparseGpt | Method::Obc) => {
+                    (Some(d), m) if m.uses_hessian() => {
                         let a = cross_product(&original, d);
                         // The stage's last linear frees D (c×c f64, 0.97 GB on a 7b down_proj) before the solve.
                         if i + 1 == kinds.len() {

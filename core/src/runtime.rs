@@ -2,7 +2,7 @@
 //! directly (int2/3/4/8 with group scales, 2:4 sparse with f16 or 4-bit values), so chat and decode benchmarks use
 //! the stored bits, never full float matrices. Layers a kernel layout cannot hold stay dense, and are reported.
 
-use crate::compress::{compress_data_free, Matrix, Method, QuantizedLinear};
+use crate::compress::{compress_data_free, Matrix, QuantizedLinear};
 use crate::compress_model::weight_f32;
 use crate::error::{Result, WhittleError};
 use crate::plan::{ModulePlan, ResolvedPlan};
@@ -96,9 +96,9 @@ impl PackReport {
 /// Applies a plan of data-free methods only (RTN, magnitude; see `compress::compress_data_free`) at load, linear by
 /// linear, and packs each result at once: memory holds the packed model plus one linear in f32, where
 /// `compress_model` would hold the whole model in f32 and run a calibration pass it does not need. This is how a
-/// 7b-shaped model is quantized for the runtime on a desktop. `release(l)` is called after decoder layer `l`, so
-/// a memory-mapped source can give back the pages of the original weights.
-pub fn pack_data_free(model: &mut Model, plan: &ResolvedPlan, release: &dyn Fn(usize)) -> Result<PackReport> {
+/// 7b-shaped model is quantized for the runtime on a desktop. `release(prefix)` is called with `model.layers.{l}.`
+/// after decoder layer `l`, so a memory-mapped source can give back the pages of the original weights.
+pub fn pack_data_free(model: &mut Model, plan: &ResolvedPlan, release: &dyn Fn(&str)) -> Result<PackReport> {
     let by_name: BTreeMap<&str, &ModulePlan> = plan.modules.iter().map(|m| (m.name.as_str(), m)).collect();
     let mut report = PackReport::default();
     for l in 0..model.blocks.len() {
@@ -132,14 +132,14 @@ pub fn pack_data_free(model: &mut Model, plan: &ResolvedPlan, release: &dyn Fn(u
                 report.put(name, &mut lin.weight, p);
             }
         }
-        release(l);
+        release(&format!("model.layers.{l}."));
     }
     Ok(report)
 }
 
 /// Whether every compressed module of `plan` uses a data-free method, so [`pack_data_free`] can apply it.
 pub fn is_data_free(plan: &ResolvedPlan) -> bool {
-    plan.modules.iter().filter_map(|m| m.job.as_ref()).all(|j| matches!(j.method, Method::Rtn | Method::Magnitude))
+    plan.modules.iter().filter_map(|m| m.job.as_ref()).all(|j| !j.method.uses_hessian())
 }
 
 /// Bytes of all weights the forward pass reads (linears, embedding, head, norms).

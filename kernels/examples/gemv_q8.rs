@@ -1,4 +1,5 @@
-//! `cargo run --release -p whittle-kernels --example gemv_q8 [threads]`: int4 g128 GEMV, f32 vs int8 activations.
+//! `cargo run --release -p whittle-kernels --example gemv_q8 [threads]`: int4 g128 GEMV, the default single-token
+//! path (int16 activations on VNNI CPUs) vs int8 activations.
 use whittle_kernels::{bench_gemv_q8, GemvShape};
 
 fn main() {

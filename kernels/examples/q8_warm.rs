@@ -1,7 +1,8 @@
-//! `cargo run --release -p whittle-kernels --example q8_warm [threads] [rows cols]`: cache-warm GEMV time of the f32
-//! and int8-activation paths on N threads (scaling check independent of DRAM).
+//! `cargo run --release -p whittle-kernels --example q8_warm [threads] [rows cols]`: cache-warm GEMV time of the
+//! default single-token path (int16 activations on VNNI CPUs, else f32) and the int8-activation path on N threads
+//! (scaling check independent of DRAM).
 use std::time::Instant;
-use whittle_kernels::bench::bench_weight;
+use whittle_kernels::bench::{bench_weight, q8_kernel_for};
 use whittle_kernels::GemvShape;
 
 fn main() {
@@ -27,7 +28,8 @@ fn main() {
                 best
             });
             let gw = (shape.rows * shape.cols) as f64 / best / 1e9;
-            println!("{}x{} sparse={sparse} q8={q8} threads={threads}: {:.1} µs, {gw:.1} Gweights/s", shape.rows, shape.cols, best * 1e6);
+            let kind = if q8 { "q8" } else if q8_kernel_for(&w) { "q16 (default)" } else { "f32 (default)" };
+            println!("{}x{} sparse={sparse} {kind} threads={threads}: {:.1} µs, {gw:.1} Gweights/s", shape.rows, shape.cols, best * 1e6);
         }
     }
 }

@@ -362,11 +362,8 @@ impl PackedWeight {
     /// below the runtime's 1e-3 acceptance, and memory-bound where f32 activations are not); `WHITTLE_KERNELS_Q8=1`
     /// asks for the faster, coarser `matmul_q8` instead. Everything else runs exact f32 activations.
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        if n == 1 && cpu::q8_decode_requested() {
-            return self.matmul_q8(x, n, y);
-        }
         if n == 1 && self.q8_supported() {
-            return self.matmul_int_act(x, n, y, true);
+            return self.matmul_int_act(x, n, y, !cpu::q8_decode_requested());
         }
         self.matmul_isa(Isa::best(), x, n, y)
     }
@@ -388,8 +385,8 @@ impl PackedWeight {
     /// group in f32. About 3× fewer instructions than `matmul`, which makes the single-token GEMV memory-bound.
     ///
     /// Not exact: the activation rounding adds an error of at most `Σ_c |W[r,c]|·max|x|/254` per output (typically
-    /// ~1e-3 relative to |y| on random data, see the kernel tests), so `matmul` stays the default. Falls back to
-    /// `matmul` when `q8_supported()` is false.
+    /// ~1e-3 relative to |y| on random data, see the kernel tests), so it is opt-in: `matmul` runs
+    /// [`Self::matmul_q16`] on one token. Falls back to `matmul_isa` when `q8_supported()` is false.
     pub fn matmul_q8(&self, x: &[f32], n: usize, y: &mut [f32]) {
         self.matmul_int_act(x, n, y, false)
     }

@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use std::time::Instant;
 use whittle_core::model::{KvCache, Scratch};
 use whittle_core::runtime::{is_data_free, pack_data_free, pack_model, weight_bytes};
+use whittle_kernels::bench::{bench_weight, q8_kernel_for};
 use whittle_kernels::{bench_gemv_q8, measure_stream_read_gbps, GemvShape};
 
 #[derive(Args, Debug)]
@@ -114,7 +115,7 @@ fn decode(a: DecodeArgs, prefill: bool) -> Result<()> {
         if is_data_free(&resolved) {
             // RTN/magnitude need no calibration: quantize and pack linear by linear, giving back the source pages.
             let store = m.store.clone();
-            packed = Some(pack_data_free(&mut m.model, &resolved, &|l| store.release(&format!("model.layers.{l}.")))?);
+            packed = Some(pack_data_free(&mut m.model, &resolved, &|prefix| store.release(prefix))?);
         } else {
             let out = run_compression(&mut m, &resolved, &a.calib, true)?;
             packed = Some(pack_model(&mut m.model, &out.quantized));
@@ -194,47 +195,21 @@ fn decode(a: DecodeArgs, prefill: bool) -> Result<()> {
 }
 
 fn layer(a: LayerArgs) -> Result<()> {
-    use whittle_kernels::{DType, DenseWeight, SharedBytes, Weight};
     let pool = pool(a.threads)?;
     let (d, im) = (4096usize, 11008usize);
-    let mk = |rows: usize, cols: usize, seed: u64| {
-        let mut s = seed;
-        let bytes: Vec<u8> = (0..rows * cols)
-            .flat_map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                half::f16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04).to_le_bytes()
-            })
-            .collect();
-        Weight::Dense(DenseWeight::from_bytes(rows, cols, DType::F16, SharedBytes::from_vec(bytes)))
-    };
-    let packed = |rows: usize, cols: usize, seed: u64| -> Result<Weight> {
-        let mut s = seed;
-        let codes: Vec<u8> = (0..rows * cols)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) % (1 << a.bits)) as u8
-            })
-            .collect();
-        let groups = rows * cols.div_ceil(128);
-        let parts = whittle_kernels::packed::QuantParts {
-            rows,
-            cols,
-            bits: a.bits,
-            group_size: 128,
-            codes: &codes,
-            scales: &vec![0.01; groups],
-            zeros: &vec![1 << (a.bits - 1); groups],
-            g_idx: None,
-        };
-        Ok(Weight::Packed(whittle_kernels::PackedWeight::new(parts).map_err(|e| anyhow::anyhow!("{e}"))?))
-    };
     let shapes = [(d, d), (d, d), (d, d), (d, d), (im, d), (im, d), (d, im)];
-    let weights: Vec<Weight> = shapes
+    // The GEMV bench's random weights: f16, or codes packed with groups of 128.
+    let weights: Vec<whittle_kernels::Weight> = shapes
         .iter()
-        .enumerate()
-        .map(|(i, &(r, c))| if a.bits >= 16 { Ok(mk(r, c, i as u64 + 1)) } else { packed(r, c, i as u64 + 1) })
-        .collect::<Result<_>>()?;
-    let label = if a.bits >= 16 { "f16".to_string() } else { format!("int{} g128{}", a.bits, if a.q8 { " q8" } else { "" }) };
+        .map(|&(rows, cols)| bench_weight(GemvShape { rows, cols }, a.bits.min(16), 128, false))
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let label = if a.bits >= 16 {
+        "f16".to_string()
+    } else {
+        let act = if a.q8 { " q8" } else if q8_kernel_for(&weights[0]) { " q16" } else { "" };
+        format!("int{} g128{act}", a.bits)
+    };
     let bytes: usize = weights.iter().map(|w| w.resident_bytes()).sum();
     let threads = pool.current_num_threads();
     let (stream, per_token) = pool.install(|| {

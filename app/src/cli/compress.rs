@@ -5,7 +5,6 @@ use super::plan_args::{resolve, run_compression_with, CalibArgs, PlanArgs, Resum
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
-use whittle_core::checkpoint::CheckpointForms;
 use whittle_core::export::{check_plan, check_target, export_model_from, ExportOptions, ModelFormat};
 
 #[derive(Args, Debug)]
@@ -53,11 +52,10 @@ pub fn run(a: CompressArgs) -> Result<()> {
     }
     let partial = a.out.as_deref().map(partial_dir);
     let resumable = partial.as_deref().map(|dir| Resumable { dir, restart: a.restart, pack: false });
-    let out = run_compression_with(&mut m, &resolved, &a.calib, a.json, resumable)?;
-    let written = match (&export, partial.as_deref()) {
-        (Some(opts), Some(dir)) => {
+    let (out, forms) = run_compression_with(&mut m, &resolved, &a.calib, a.json, resumable)?;
+    let written = match (&export, forms, partial.as_deref()) {
+        (Some(opts), Some(forms), Some(dir)) => {
             // The integer forms stay in the checkpoint folder and are read one layer at a time while writing.
-            let forms = CheckpointForms::open(dir, m.model.config.num_layers)?;
             let report = export_model_from(&m, &forms, opts, &mut |_, _| {})
                 .with_context(|| format!("export to {} failed; nothing was written there", opts.out.display()))?;
             let _ = std::fs::remove_dir_all(dir);

@@ -110,7 +110,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
         let partial = partial_dir(&a.out);
         // Measuring runs the compressed model, so only then are its quantized linears packed into it.
         let resumable = Resumable { dir: &partial, restart: a.restart, pack: a.eval_data.is_some() };
-        run_compression_with(&mut m, &resolved, &a.calib, a.json, Some(resumable))?;
+        let (_, forms) = run_compression_with(&mut m, &resolved, &a.calib, a.json, Some(resumable))?;
         if let Some(data) = &a.eval_data {
             let measured = measure(&m.model, original.as_ref(), &a, data, &m)?;
             card.ppl = Some(measured.ppl);
@@ -118,7 +118,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
             card.kl = measured.kl;
         }
         // The integer forms stay in the checkpoint folder and are read one layer at a time while writing.
-        Some(CheckpointForms::open(&partial, m.model.config.num_layers)?)
+        forms
     } else {
         if let Some(data) = &a.eval_data {
             card.ppl = Some(measure(&m.model, None, &a, data, &m)?.ppl);

@@ -119,7 +119,7 @@ pub fn resolve(plan: &Plan, m: &LoadedModel) -> Result<ResolvedPlan> {
 
 /// Calibrates and compresses `m` in place, with a progress bar on stderr.
 pub fn run_compression(m: &mut LoadedModel, plan: &ResolvedPlan, calib: &CalibArgs, quiet: bool) -> Result<CompressOutput> {
-    run_compression_with(m, plan, calib, quiet, None)
+    run_compression_with(m, plan, calib, quiet, None).map(|(out, _)| out)
 }
 
 /// Where a resumable compression keeps its finished layers, whether to discard what an earlier run left there, and
@@ -134,14 +134,14 @@ pub struct Resumable<'a> {
 /// [`run_compression`], optionally streaming finished layers into a checkpoint folder: memory then holds one decoder
 /// layer at a time, a restarted run skips the layers already there, and afterwards `m` is a fresh load of the
 /// original with the compressed linears put in (see [`Resumable`]), while `quantized` stays empty: the integer forms
-/// are in the folder ([`CheckpointForms`]).
+/// are in the folder, returned as [`CheckpointForms`] for an export to read layer by layer.
 pub fn run_compression_with(
     m: &mut LoadedModel,
     plan: &ResolvedPlan,
     calib: &CalibArgs,
     quiet: bool,
     resumable: Option<Resumable<'_>>,
-) -> Result<CompressOutput> {
+) -> Result<(CompressOutput, Option<CheckpointForms>)> {
     // An imported quantized checkpoint runs packed weights; compression starts from their float values.
     m.dequantize_linears();
     let (text, origin) = match &calib.calib {
@@ -167,7 +167,7 @@ pub fn run_compression_with(
     let Some(r) = resumable else {
         let out = compress_model(&mut m.model, plan, &windows, &mut on_event, &|| false).context("compression failed")?;
         bar.finish_and_clear();
-        return Ok(out);
+        return Ok((out, None));
     };
     let est = estimate(
         &m.model.config,
@@ -208,5 +208,5 @@ pub fn run_compression_with(
     let forms = CheckpointForms::open(r.dir, layers)?;
     *m = load_model(&m.dir)?;
     forms.apply_to(&mut m.model, r.pack)?;
-    Ok(out)
+    Ok((out, Some(forms)))
 }

@@ -54,6 +54,14 @@ pub enum Method {
     Obc,
 }
 
+impl Method {
+    /// Whether the method reads the calibration Hessian (GPTQ, SparseGPT, OBC); RTN and magnitude read only the
+    /// weights, so they need no calibration pass and ignore error feedback.
+    pub fn uses_hessian(self) -> bool {
+        matches!(self, Method::Gptq | Method::SparseGpt | Method::Obc)
+    }
+}
+
 impl std::fmt::Display for Method {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -174,7 +182,7 @@ pub fn validate(job: &LayerJob) -> Result<(), CompressError> {
     }
     let m = job.method;
     // Act-order is the order GPTQ/SparseGPT visit columns in; round-to-nearest and magnitude have no order.
-    if matches!(m, Method::Rtn | Method::Magnitude) && job.quant.as_ref().is_some_and(|q| q.act_order) {
+    if !m.uses_hessian() && job.quant.as_ref().is_some_and(|q| q.act_order) {
         return Err(CompressError::InvalidSpec(format!("act_order applies to gptq, sparsegpt and obc, not to {m}")));
     }
     match (m, &job.quant, &job.sparsity) {

@@ -45,7 +45,7 @@ pub use model::{
     QuantizedSource,
 };
 pub use gptq::{check_gptq, pack_gptq, unpack_gptq, GptqTensors, GPTQ_BITS};
-pub use shards::{write_safetensors_file, write_safetensors_sharded, INDEX_FILE, SINGLE_FILE};
+pub use shards::{write_safetensors_sharded, write_safetensors_streamed, TensorMeta, INDEX_FILE, SINGLE_FILE};
 pub use tensor::{Dtype, FloatDtype, Packed, RawTensor, TensorOut};
 
 use crate::compress::types::{Matrix, QuantizedLinear};

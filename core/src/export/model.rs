@@ -34,8 +34,10 @@ pub use card::ModelCard;
 pub use precheck::check_plan;
 
 use super::config::LayerDigest;
-use super::shards::{write_safetensors_streamed, TensorMeta};
-use super::{check_layer, kernel_warnings, write_atomic_dir, ExportError, ExportFormat, FloatDtype, RawTensor};
+use super::{
+    check_layer, kernel_warnings, write_atomic_dir, write_safetensors_streamed, ExportError, ExportFormat, FloatDtype,
+    RawTensor, TensorMeta,
+};
 use crate::compress::types::QuantizedLinear;
 use crate::error::{Result, WhittleError};
 use crate::model::LoadedModel;
@@ -359,7 +361,7 @@ pub fn export_model_from(
     let all_linears = layers::linear_names(loaded);
     let linear_names: HashSet<&str> = all_linears.iter().map(String::as_str).collect();
     for name in layers::other_tensor_names(loaded, &linear_names) {
-        metas.push(TensorMeta::of(&name, &layers::other_tensor(loaded, &name, convert)?));
+        metas.push(layers::other_tensor_meta(loaded, &name, convert)?);
     }
     metas.sort_by_cached_key(|m| layers::order_key(&m.name));
 

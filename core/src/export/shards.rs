@@ -1,8 +1,9 @@
 //! Writing tensors as safetensors (formats.md §0): one `model.safetensors`, or `model-0000i-of-0000K.safetensors`
 //! shards plus `model.safetensors.index.json` when the tensors exceed one shard.
 //!
-//! The writer is our own rather than the `safetensors` crate's serializer so it can stream each tensor straight to
-//! the file in the order given (the packers' order keeps a layer's tensors together in one shard) and pad the
+//! The writer is our own rather than the `safetensors` crate's serializer (which takes every tensor at once) so it
+//! can write the header from the tensors' metas first and then stream each tensor straight to the file in the order
+//! given, built only when it is due (the packers' order keeps a layer's tensors together in one shard), and pad the
 //! header with spaces so the data starts 8-byte aligned, which memory-mapping readers rely on. Tests read every
 //! file back with the `safetensors` crate, which validates offsets independently.
 
@@ -106,21 +107,6 @@ fn write_file_streamed(
     }
     let file = w.into_inner().map_err(|e| ExportError::io(path, e.into_error()))?;
     file.sync_all().map_err(io)
-}
-
-/// Writes one safetensors file holding `tensors` in order, and flushes it to disk.
-pub fn write_safetensors_file(
-    path: &Path,
-    tensors: &[(String, RawTensor)],
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
-    let metas: Vec<TensorMeta> = tensors.iter().map(|(n, t)| TensorMeta::of(n, t)).collect();
-    check_tensors(&metas)?;
-    let mut i = 0;
-    write_file_streamed(path, &metas, metadata, &mut |_| {
-        i += 1;
-        Ok(tensors[i - 1].1.clone())
-    })
 }
 
 /// Writes `tensors` into `dir` as `model.safetensors`, or, when they exceed `max_shard_bytes`, as

@@ -22,7 +22,7 @@ use super::cache::{Building, LevelsStore};
 use super::ladder::Ladder;
 use crate::calib::{collect_hessian_and_cross, run_block, run_block_with};
 use crate::compress::error_feedback::shifted_target;
-use crate::compress::{compress_layer, relative_error, CompressError, Hessian, HessianAccumulator, Matrix, Method};
+use crate::compress::{compress_layer, relative_error, CompressError, Hessian, HessianAccumulator, Matrix};
 use crate::compress_model::weight_f32;
 use crate::error::{Result, WhittleError};
 use crate::model::kv_cache::LayerCache;
@@ -219,7 +219,7 @@ impl Builder<'_> {
                     None => (self.sink.keep(l * kinds_n + k, j, dense[ki].clone())?, 0.0),
                     Some(job) => {
                         let target = match (cross, job.method) {
-                            (Some(d), Method::Gptq | Method::SparseGpt | Method::Obc) => {
+                            (Some(d), m) if m.uses_hessian() => {
                                 shifted_target(&dense[ki], d, h, job.damp).map_err(fail)?
                             }
                             _ => dense[ki].clone(),

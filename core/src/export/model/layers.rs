@@ -9,13 +9,14 @@
 use std::collections::{BTreeMap, HashSet};
 
 use serde_json::Value;
-use whittle_kernels::{DType, Weight};
+use whittle_kernels::{DType, SharedBytes, Weight};
 
 use super::super::{
     check_sparse24, pack_compressed_tensors, pack_gptq, pack_sparse24_bitmask, Dtype, ExportError, ExportFormat,
     FloatDtype, LayerRef, QuantParams, RawTensor,
 };
 use super::Tensors;
+use crate::export::TensorMeta;
 use crate::compress::types::{Matrix, QuantizedLinear};
 use crate::error::{Result, WhittleError};
 use crate::model::{LoadedModel, Model, LINEAR_KINDS};
@@ -412,19 +413,40 @@ pub(super) fn other_tensor_names(loaded: &LoadedModel, linear_names: &HashSet<&s
         .collect()
 }
 
-/// One of [`other_tensor_names`] as stored, or with floats converted to `convert` for the f16/bf16 formats.
-pub(super) fn other_tensor(loaded: &LoadedModel, name: &str, convert: Option<FloatDtype>) -> Result<RawTensor> {
+/// One of [`other_tensor_names`] as stored: its dtype, shape and bytes (mapped, not copied).
+fn stored(loaded: &LoadedModel, name: &str) -> Result<(Dtype, Vec<usize>, SharedBytes)> {
     let store = &loaded.store;
     let (dt, shape, bytes) = store.raw(name)?;
     let dtype = Dtype::from_safetensors(dt).ok_or_else(|| {
         WhittleError::field(store.path_of(name), name, format!("dtype {dt:?} cannot be copied into an export"))
     })?;
-    let t = RawTensor::from_bytes(name, dtype, shape, bytes.as_slice().to_vec())
-        .map_err(|e| WhittleError::file(store.path_of(name), e.to_string()))?;
-    Ok(match convert {
-        Some(to) if matches!(t.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) && t.dtype != to.into() => {
-            RawTensor::from_f32_rounded(to, t.shape.clone(), &t.to_f32(name)?)
-        }
+    Ok((dtype, shape, bytes))
+}
+
+/// The dtype a tensor stored as `stored` is written in: floats converted to `convert` (the f16/bf16 formats),
+/// everything else as stored.
+fn written_dtype(stored: Dtype, convert: Option<FloatDtype>) -> Dtype {
+    match convert {
+        Some(to) if matches!(stored, Dtype::F32 | Dtype::F16 | Dtype::BF16) => to.into(),
+        _ => stored,
+    }
+}
+
+/// What [`other_tensor`] will write, without copying the tensor.
+pub(super) fn other_tensor_meta(loaded: &LoadedModel, name: &str, convert: Option<FloatDtype>) -> Result<TensorMeta> {
+    let (stored, shape, _) = stored(loaded, name)?;
+    let dtype = written_dtype(stored, convert);
+    let bytes = shape.iter().product::<usize>() * dtype.size();
+    Ok(TensorMeta { name: name.to_string(), dtype, shape, bytes })
+}
+
+/// One of [`other_tensor_names`] as stored, or with floats converted to `convert` for the f16/bf16 formats.
+pub(super) fn other_tensor(loaded: &LoadedModel, name: &str, convert: Option<FloatDtype>) -> Result<RawTensor> {
+    let (stored, shape, bytes) = stored(loaded, name)?;
+    let t = RawTensor::from_bytes(name, stored, shape, bytes.as_slice().to_vec())
+        .map_err(|e| WhittleError::file(loaded.store.path_of(name), e.to_string()))?;
+    Ok(match (convert, written_dtype(stored, convert)) {
+        (Some(to), written) if written != stored => RawTensor::from_f32_rounded(to, t.shape.clone(), &t.to_f32(name)?),
         _ => t,
     })
 }

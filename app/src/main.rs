@@ -4,6 +4,7 @@ use clap::Parser;
 use whittle_app::cli::Cli;
 
 fn main() {
+    whittle_app::allocator::tune();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(cmd) => whittle_app::cli::run(cmd),

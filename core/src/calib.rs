@@ -6,7 +6,7 @@ use crate::compress::error_feedback::CrossAccumulator;
 use crate::compress::{Hessian, HessianAccumulator};
 use crate::error::{Result, WhittleError};
 use crate::model::kv_cache::LayerCache;
-use crate::model::{Block, Model, Scratch, Site, Tokenizer};
+use crate::model::{Block, Model, Resume, Scratch, Site, Tokenizer};
 use rayon::prelude::*;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -60,44 +60,86 @@ fn chunk_for(model: &Model, xs: &[Vec<f32>]) -> usize {
     chunk_windows(d.max(model.config.intermediate_size), ctx, rayon::current_num_threads())
 }
 
-/// Attention outputs of the current layer, one slot per calibration window, filled by the first pass that computes
-/// them. Attention depends only on q/k/v, which the first stage of a layer fixes, so the later stages and the update
-/// restart from it (`Model::block_forward_from_attention`) instead of recomputing the most expensive part of the
-/// block three more times. Reset for every layer and path.
-pub struct AttnCache {
-    slots: Vec<Option<Vec<f32>>>,
+/// Restart points of the current layer, one per calibration window and path (see [`Resume`]), advanced by each
+/// stage: the pass collecting o_proj's inputs computes attention once (only q/k/v, final by then, determine it)
+/// and keeps it, the gate/up stage keeps the residual after o_proj, the down stage keeps the residual and
+/// down_proj's input, and the layer's update adds down_proj to that. Every linear then runs once per path and
+/// layer, as in one forward pass, instead of again for every later stage. Reset for every layer and path.
+pub struct ResumeCache {
+    slots: Vec<ResumeSlot>,
 }
 
-impl AttnCache {
+/// One window's restart point, and whether it may grow to the MLP's width.
+#[derive(Clone, Debug, Default)]
+pub struct ResumeSlot {
+    at: Option<Resume>,
+    keep_mlp: bool,
+}
+
+impl ResumeCache {
     /// Largest cache kept (per path): beyond it (long calibration of big models) attention is recomputed instead,
     /// so streaming compression keeps its memory bound.
     pub const MAX_BYTES: usize = 512 << 20;
 
-    /// A cache for `windows` windows, or `None` when `bytes` of attention outputs would exceed [`Self::MAX_BYTES`].
-    pub fn new(windows: usize, bytes: usize) -> Option<Self> {
-        (bytes <= Self::MAX_BYTES).then(|| AttnCache { slots: vec![None; windows] })
+    /// Bytes the cache holds at its largest for `tokens` calibration tokens of a model of `cfg` (0: none kept).
+    pub fn bytes_for(cfg: &crate::model::ModelConfig, tokens: usize) -> usize {
+        let (narrow, mlp) = Self::widths(cfg);
+        if tokens * mlp * 4 <= Self::MAX_BYTES {
+            tokens * mlp * 4
+        } else if tokens * narrow * 4 <= Self::MAX_BYTES {
+            tokens * narrow * 4
+        } else {
+            0
+        }
     }
 
-    /// Forgets the outputs (a new layer starts).
+    /// Floats per token of the attention or residual restart points, and of the MLP one.
+    fn widths(cfg: &crate::model::ModelConfig) -> (usize, usize) {
+        (cfg.q_dim().max(cfg.hidden_size), cfg.hidden_size + cfg.intermediate_size)
+    }
+
+    /// A cache for `windows` windows of `tokens` tokens in all, or `None` when even the attention outputs would
+    /// exceed [`Self::MAX_BYTES`]; the MLP restart point is kept only when it fits too.
+    pub fn new(cfg: &crate::model::ModelConfig, windows: usize, tokens: usize) -> Option<Self> {
+        let (narrow, mlp) = Self::widths(cfg);
+        let keep_mlp = tokens * mlp * 4 <= Self::MAX_BYTES;
+        (tokens * narrow * 4 <= Self::MAX_BYTES).then(|| ResumeCache { slots: vec![ResumeSlot { at: None, keep_mlp }; windows] })
+    }
+
+    /// Forgets the restart points (a new layer starts).
     pub fn clear(&mut self) {
-        self.slots.iter_mut().for_each(|s| *s = None);
+        self.slots.iter_mut().for_each(|s| s.at = None);
     }
 
     /// The slots, one per window, as `run_block_with` takes them.
-    pub fn slots(&mut self) -> &mut AttnSlots {
+    pub fn slots(&mut self) -> &mut ResumeSlots {
         &mut self.slots
     }
 }
 
-/// Receives (window index, the site's input `[n, width]`, n) for each window.
-pub type WindowObserver<'a> = dyn FnMut(usize, &[f32], usize) -> Result<()> + 'a;
+/// The input of the observed site in one window: `input` is `[n, width]`.
+pub struct Captured {
+    pub window: usize,
+    pub input: Vec<f32>,
+    pub n: usize,
+}
 
-/// One attention slot per calibration window (see [`AttnCache`]).
-pub type AttnSlots = [Option<Vec<f32>>];
+/// Receives the captured inputs of one chunk of windows, in window order (owned: no copy to keep them).
+pub type ChunkObserver<'a> = dyn FnMut(Vec<Captured>) -> Result<()> + 'a;
+
+/// One restart slot per calibration window (see [`ResumeCache`]).
+pub type ResumeSlots = [ResumeSlot];
 
 /// The slots of an optional cache.
-pub fn slots_of(c: &mut Option<AttnCache>) -> Option<&mut AttnSlots> {
-    c.as_mut().map(AttnCache::slots)
+pub fn slots_of(c: &mut Option<ResumeCache>) -> Option<&mut ResumeSlots> {
+    c.as_mut().map(ResumeCache::slots)
+}
+
+thread_local! {
+    /// Forward-pass buffers of the window a thread runs, kept between windows and stages: allocating them per
+    /// window (tens of allocations above glibc's mmap threshold) cost page faults and TLB shootdowns worth a tenth
+    /// of a small model's calibration.
+    static WINDOW_SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
 }
 
 /// Runs block `layer` on every window's hidden state `xs[i]` (`[ctx, hidden]`). With `update`, the states are
@@ -110,11 +152,15 @@ pub fn run_block(
     site: Option<Site>,
     observe: &mut dyn FnMut(&[f32], usize) -> Result<()>,
 ) -> Result<()> {
-    run_block_with(model, &model.blocks[layer], layer, xs, update, site, None, &mut |_, input, n| observe(input, n))
+    run_block_with(model, &model.blocks[layer], layer, xs, update, site, None, &mut |chunk| {
+        chunk.iter().try_for_each(|c| observe(&c.input, c.n))
+    })
 }
 
 /// `run_block` with an explicit block (e.g. the dense original of a block being compressed) and an optional
-/// attention cache for this block and path (`xs[i]` uses slot `i`); `observe` also gets the window index.
+/// restart cache for this block and path (`xs[i]` uses slot `i`); `observe` gets each chunk's inputs. With a
+/// cache, the caller promises the stage order of `compress_model`: when `site`'s inputs are collected, every
+/// linear of the block before `site` is final.
 #[allow(clippy::too_many_arguments)]
 pub fn run_block_with(
     model: &Model,
@@ -123,18 +169,18 @@ pub fn run_block_with(
     xs: &mut [Vec<f32>],
     update: bool,
     site: Option<Site>,
-    attn: Option<&mut AttnSlots>,
-    observe: &mut WindowObserver<'_>,
+    resume: Option<&mut ResumeSlots>,
+    observe: &mut ChunkObserver<'_>,
 ) -> Result<()> {
     // Stopping at the attention input computes no attention, so there is nothing to keep.
     let past_attention = site != Some(Site::AttnIn);
     let qd = model.config.q_dim();
-    let caching = attn.is_some();
-    let mut no_slots: Vec<Option<Vec<f32>>> = Vec::new();
-    let slots: &mut [Option<Vec<f32>>] = match attn {
+    let caching = resume.is_some();
+    let mut no_slots: Vec<ResumeSlot> = Vec::new();
+    let slots: &mut [ResumeSlot] = match resume {
         Some(slots) => slots,
         None => {
-            no_slots.resize(xs.len(), None);
+            no_slots.resize(xs.len(), ResumeSlot::default());
             &mut no_slots
         }
     };
@@ -145,7 +191,8 @@ pub fn run_block_with(
             .zip(slot_chunk.par_iter_mut())
             .map(|(x, slot)| {
                 let n = x.len() / model.config.hidden_size;
-                let mut s = Scratch::default();
+                // Taken out of the thread's slot (not borrowed: a nested rayon wait may run another window here).
+                let mut s = WINDOW_SCRATCH.with(|c| c.take());
                 let mut got = None;
                 let mut obs = |_: usize, at: Site, input: &[f32], _: usize| {
                     if Some(at) == site {
@@ -154,33 +201,50 @@ pub fn run_block_with(
                     }
                     false
                 };
-                let mut tmp;
+                // Without `update` the pass runs on a copy; a stop at the MLP leaves the residual in it.
+                let mut tmp = Vec::new();
                 let state = if update {
                     &mut *x
                 } else {
                     tmp = x.clone();
                     &mut tmp
                 };
-                match slot.as_deref() {
-                    Some(a) if past_attention => {
-                        model.block_forward_from_attention(layer, block, state, n, a, &mut s, Some(&mut obs))
-                    }
+                match slot.at.as_ref() {
+                    Some(from) if past_attention => model.block_forward_resumed(layer, block, state, n, from, &mut s, Some(&mut obs)),
                     _ => {
                         model.rope.tables(0, n, &mut s.cos, &mut s.sin);
                         let mut cache = LayerCache { k: Vec::new(), v: Vec::new() };
                         model.block_forward(layer, block, state, n, 0, &mut cache, &mut s, Some(&mut obs));
                         if caching && past_attention {
-                            *slot = Some(s.attn[..n * qd].to_vec());
+                            slot.at = Some(Resume::Attention(s.attn[..n * qd].to_vec()));
                         }
                     }
                 }
+                // A pass that stopped at `site` left the residual after attention in `state`, computed with final
+                // weights: the next stages restart there.
+                if caching && !update {
+                    match site {
+                        Some(Site::MlpIn) => slot.at = Some(Resume::Residual(std::mem::take(&mut tmp))),
+                        Some(Site::DownIn) if slot.keep_mlp => {
+                            let act = got.clone().unwrap_or_default();
+                            slot.at = Some(Resume::Mlp { residual: std::mem::take(&mut tmp), act });
+                        }
+                        _ => {}
+                    }
+                }
+                WINDOW_SCRATCH.with(|c| c.set(s));
                 got
             })
             .collect();
-        for (i, (c, x)) in captured.into_iter().zip(chunk.iter()).enumerate() {
-            if let Some(c) = c {
-                observe(ci * chunk_len + i, &c, x.len() / model.config.hidden_size)?;
-            }
+        let d = model.config.hidden_size;
+        let captured: Vec<Captured> = captured
+            .into_iter()
+            .zip(chunk.iter())
+            .enumerate()
+            .filter_map(|(i, (c, x))| c.map(|input| Captured { window: ci * chunk_len + i, input, n: x.len() / d }))
+            .collect();
+        if !captured.is_empty() {
+            observe(captured)?;
         }
     }
     Ok(())
@@ -191,13 +255,14 @@ pub fn collect_hessian(
     model: &Model,
     layer: usize,
     xs: &mut [Vec<f32>],
-    attn: Option<&mut AttnSlots>,
+    resume: Option<&mut ResumeSlots>,
     site: Site,
     cols: usize,
 ) -> Result<Hessian> {
     let mut acc = HessianAccumulator::new(cols);
-    run_block_with(model, &model.blocks[layer], layer, xs, false, Some(site), attn, &mut |_, input, n| {
-        acc.add_batch(input, n).map_err(|e| {
+    run_block_with(model, &model.blocks[layer], layer, xs, false, Some(site), resume, &mut |chunk| {
+        let batches: Vec<(&[f32], usize)> = chunk.iter().map(|c| (&c.input[..], c.n)).collect();
+        acc.add_batches(&batches).map_err(|e| {
             WhittleError::Invalid(format!("calibration inputs of layer {layer} ({site:?}): {e}"))
         })
     })?;
@@ -207,7 +272,7 @@ pub fn collect_hessian(
 /// The Hessian of `site`'s inputs on the compressed path `xs`, and the cross term D = 2/n Σ (x_d − x_q) x_qᵀ
 /// against the dense path `xs_dense` run through the dense `dense_block` (see `compress::error_feedback`).
 /// Windows are paired by index; both paths hold one chunk of activations at a time.
-/// `attn` holds the attention caches of the compressed and the dense path.
+/// `resume` holds the restart caches of the compressed and the dense path.
 #[allow(clippy::too_many_arguments)]
 pub fn collect_hessian_and_cross(
     model: &Model,
@@ -215,7 +280,7 @@ pub fn collect_hessian_and_cross(
     xs: &mut [Vec<f32>],
     xs_dense: &mut [Vec<f32>],
     dense_block: &Block,
-    attn: Option<(&mut AttnSlots, &mut AttnSlots)>,
+    resume: Option<(&mut ResumeSlots, &mut ResumeSlots)>,
     site: Site,
     cols: usize,
 ) -> Result<(Hessian, Vec<f64>)> {
@@ -224,23 +289,23 @@ pub fn collect_hessian_and_cross(
     let err = |e: crate::compress::CompressError| WhittleError::Invalid(format!("calibration inputs of layer {layer} ({site:?}): {e}"));
     // Chunks of both paths and of their caches go together, so one chunk of activations is alive at a time.
     let chunk_len = chunk_for(model, xs);
-    let mut caches = attn.map(|(q, d)| (q.chunks_mut(chunk_len), d.chunks_mut(chunk_len)));
+    let mut caches = resume.map(|(q, d)| (q.chunks_mut(chunk_len), d.chunks_mut(chunk_len)));
     for (q_chunk, d_chunk) in xs.chunks_mut(chunk_len).zip(xs_dense.chunks_mut(chunk_len)) {
         let (q_slots, d_slots) = match caches.as_mut() {
             Some((q, d)) => (q.next(), d.next()),
             None => (None, None),
         };
-        let mut dense_inputs: Vec<Vec<f32>> = Vec::with_capacity(chunk_len);
-        run_block_with(model, dense_block, layer, d_chunk, false, Some(site), d_slots, &mut |_, input, _| {
-            dense_inputs.push(input.to_vec());
+        let mut dense_inputs: Vec<Captured> = Vec::new();
+        run_block_with(model, dense_block, layer, d_chunk, false, Some(site), d_slots, &mut |chunk| {
+            dense_inputs = chunk;
             Ok(())
         })?;
-        let mut i = 0;
-        run_block_with(model, &model.blocks[layer], layer, q_chunk, false, Some(site), q_slots, &mut |_, input, n| {
-            acc.add_batch(input, n).map_err(err)?;
-            cross.add_batch(input, &dense_inputs[i], n).map_err(err)?;
-            i += 1;
-            Ok(())
+        run_block_with(model, &model.blocks[layer], layer, q_chunk, false, Some(site), q_slots, &mut |chunk| {
+            let batches: Vec<(&[f32], usize)> = chunk.iter().map(|c| (&c.input[..], c.n)).collect();
+            acc.add_batches(&batches).map_err(err)?;
+            let pairs: Vec<(&[f32], &[f32], usize)> =
+                chunk.iter().zip(&dense_inputs).map(|(q, d)| (&q.input[..], &d.input[..], q.n)).collect();
+            cross.add_batches(&pairs).map_err(err)
         })?;
     }
     Ok((acc.finish(), cross.finish()))

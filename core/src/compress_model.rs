@@ -4,7 +4,7 @@
 //! sees inputs produced by its compressed predecessors. Results stream out as events while the job runs (the GUI
 //! plots them), and the job is cancellable between stages and inside long layers.
 
-use crate::calib::{collect_hessian, collect_hessian_and_cross, run_block_with, slots_of, AttnCache};
+use crate::calib::{collect_hessian, collect_hessian_and_cross, run_block_with, slots_of, ResumeCache};
 use crate::compress::error_feedback::{cross_product, shift_by};
 use crate::compress::{compress_layer, relative_error, CompressError, Matrix, QuantizedLinear};
 use crate::error::{Result, WhittleError};
@@ -119,7 +119,21 @@ pub fn compress_model_with(
     windows: &[Vec<u32>],
     on_event: &mut dyn FnMut(CompressEvent),
     cancelled: &(dyn Fn() -> bool + Sync),
+    checkpoint: Option<&mut dyn Checkpoint>,
+) -> Result<CompressOutput> {
+    compress_model_restarting(model, plan, windows, on_event, cancelled, checkpoint, true)
+}
+
+/// [`compress_model_with`], with `restart = false` recomputing every stage from the block's input instead of from
+/// the restart cache (`calib::ResumeCache`): the tests compare the two.
+fn compress_model_restarting(
+    model: &mut Model,
+    plan: &ResolvedPlan,
+    windows: &[Vec<u32>],
+    on_event: &mut dyn FnMut(CompressEvent),
+    cancelled: &(dyn Fn() -> bool + Sync),
     mut checkpoint: Option<&mut dyn Checkpoint>,
+    restart: bool,
 ) -> Result<CompressOutput> {
     let start = Instant::now();
     let by_name: BTreeMap<&str, &crate::plan::ModulePlan> = plan.modules.iter().map(|m| (m.name.as_str(), m)).collect();
@@ -143,11 +157,11 @@ pub fn compress_model_with(
     let mut layers = Vec::new();
     let mut quantized = BTreeMap::new();
     let tokens: usize = windows.iter().map(Vec::len).sum();
-    let attn_bytes = tokens * model.config.q_dim() * 4;
-    let mut attn_q = AttnCache::new(windows.len(), attn_bytes);
-    let mut attn_d = if feedback { AttnCache::new(windows.len(), attn_bytes) } else { None };
+    let cache = || if restart { ResumeCache::new(&model.config, windows.len(), tokens) } else { None };
+    let mut resume_q = cache();
+    let mut resume_d = if feedback { cache() } else { None };
     for l in 0..model.config.num_layers {
-        for c in [&mut attn_q, &mut attn_d].into_iter().flatten() {
+        for c in [&mut resume_q, &mut resume_d].into_iter().flatten() {
             c.clear();
         }
         let restored = match checkpoint.as_deref_mut() {
@@ -175,11 +189,11 @@ pub fn compress_model_with(
             on_event(CompressEvent::Stage { layer: l, stage, done: layers.len(), total });
             let cols = model.blocks[l].linears[kinds[0]].weight.cols();
             let (h, mut cross) = if feedback {
-                let attn = slots_of(&mut attn_q).zip(slots_of(&mut attn_d));
-                let (h, d) = collect_hessian_and_cross(model, l, &mut xs, &mut xs_dense, &dense_blocks[l], attn, site, cols)?;
+                let resume = slots_of(&mut resume_q).zip(slots_of(&mut resume_d));
+                let (h, d) = collect_hessian_and_cross(model, l, &mut xs, &mut xs_dense, &dense_blocks[l], resume, site, cols)?;
                 (h, Some(d))
             } else {
-                (collect_hessian(model, l, &mut xs, slots_of(&mut attn_q), site, cols)?, None)
+                (collect_hessian(model, l, &mut xs, slots_of(&mut resume_q), site, cols)?, None)
             };
             for (i, &k) in kinds.iter().enumerate() {
                 let name = Model::module_name(l, LINEAR_KINDS[k]);
@@ -267,9 +281,9 @@ pub fn compress_model_with(
         }
         // The next block is calibrated on this block's outputs with its compressed weights.
         // A restored layer computed no attention here; its cache is empty and the forward computes it.
-        run_block_with(model, &model.blocks[l], l, &mut xs, true, None, slots_of(&mut attn_q), &mut |_, _, _| Ok(()))?;
+        run_block_with(model, &model.blocks[l], l, &mut xs, true, None, slots_of(&mut resume_q), &mut |_| Ok(()))?;
         if feedback {
-            run_block_with(model, &dense_blocks[l], l, &mut xs_dense, true, None, slots_of(&mut attn_d), &mut |_, _, _| Ok(()))?;
+            run_block_with(model, &dense_blocks[l], l, &mut xs_dense, true, None, slots_of(&mut resume_d), &mut |_| Ok(()))?;
         }
         if let Some(cp) = checkpoint.as_deref_mut() {
             // Streaming: this layer's weights (compressed, and the dense originals of error feedback) are done with.
@@ -288,5 +302,39 @@ pub fn weight_f32(w: &Weight) -> Vec<f32> {
         Weight::Dense(d) => d.to_f32_vec(),
         #[allow(unreachable_patterns)]
         other => panic!("compression needs float weights, found {:?}", std::mem::discriminant(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calib::{calibration_windows, CalibSettings};
+    use crate::model::load_model;
+    use crate::plan::Plan;
+    use std::path::Path;
+
+    /// The restart cache is only a cache: compressing with it, and with every stage recomputed from the block's
+    /// input, gives bit-identical weights (same operations on the same values, in the same order).
+    #[test]
+    fn restart_cache_changes_nothing_but_time() {
+        let dir = crate::model::source::default_model_dir().unwrap();
+        let run = |restart: bool| {
+            let mut m = load_model(&dir).unwrap();
+            let plan = Plan::from_toml_str(include_str!("../../presets/w4g32.toml"), Path::new("w4g32.toml"))
+                .unwrap()
+                .resolve(&m.model.linear_shapes(), 0, 16.0)
+                .unwrap();
+            let text = include_str!("../../assets/tinystories_train_calib.txt");
+            let windows = calibration_windows(&m.tokenizer, text, &CalibSettings { samples: 6, ctx: 48 }, "calib").unwrap();
+            let out = compress_model_restarting(&mut m.model, &plan, &windows, &mut |_| {}, &|| false, None, restart).unwrap();
+            let weights: Vec<Vec<f32>> = m.model.blocks.iter().flat_map(|b| b.linears.iter().map(|l| weight_f32(&l.weight))).collect();
+            (out.layers.iter().map(|l| l.rel_error).collect::<Vec<_>>(), weights)
+        };
+        let (cached, recomputed) = (run(true), run(false));
+        assert!(cached.1 == recomputed.1, "compressed weights differ");
+        // The f64 error metric reduces in parallel (faer), so its last bits depend on scheduling: 1e-12 relative.
+        for (a, b) in cached.0.iter().zip(&recomputed.0) {
+            assert!((a - b).abs() <= 1e-12 * b.abs(), "per-layer errors differ: {a} vs {b}");
+        }
     }
 }

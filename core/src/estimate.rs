@@ -7,7 +7,7 @@
 //! embedding resident, and the largest linear's Hessian, cross term and GPTQ working set. The time is an order of
 //! magnitude: calibration FLOPs and GPTQ FLOPs over an assumed sustained rate per core.
 
-use crate::calib::AttnCache;
+use crate::calib::ResumeCache;
 use crate::model::ModelConfig;
 use crate::plan::ResolvedPlan;
 use serde::Serialize;
@@ -42,8 +42,7 @@ pub fn estimate(cfg: &ModelConfig, plan: &ResolvedPlan, dtype_bytes: u64, window
     let (tokens, ctx) = ((windows * ctx) as u64, ctx as u64);
     let paths = if plan.error_feedback { 2 } else { 1 };
     let states = paths * tokens * d * 4;
-    let attn_cache = tokens * qd * 4;
-    let attn_cache = if attn_cache as usize <= AttnCache::MAX_BYTES { paths * attn_cache } else { 0 };
+    let resume_cache = paths * ResumeCache::bytes_for(cfg, tokens as usize) as u64;
     // Per window being computed (one per core; the paths run one after the other): norms, q/k/v, KV cache,
     // attention, projections, gate/up, scores; per window of the chunk and path: the captured site input, until the
     // chunk is folded into the Hessian.
@@ -61,7 +60,7 @@ pub fn estimate(cfg: &ModelConfig, plan: &ResolvedPlan, dtype_bytes: u64, window
     let gptq = 2 * c2;
     let solver = shift.max(gptq) + 3 * max_linear * 4;
     let resident_weights = layer_params * dtype_bytes * 2 + cfg.vocab_size as u64 * d * dtype_bytes;
-    let compress_peak_bytes = states + attn_cache + scratch + solver + resident_weights;
+    let compress_peak_bytes = states + resume_cache + scratch + solver + resident_weights;
 
     let linear_params: u64 = plan.modules.iter().map(|m| (m.rows * m.cols) as u64).sum();
     // Integer forms hold one byte per code plus scales and zero points. The export streams one decoder layer at a

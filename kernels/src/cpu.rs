@@ -100,6 +100,35 @@ impl OutRows {
         // SAFETY: in bounds by the caller's contract; the row is owned by this task.
         unsafe { *self.ptr.add(t * self.rows + r) = v };
     }
+
+    /// Output rows `r0..r1` of every token as an `n × (r1 − r0)` matrix view (row stride `rows`), for kernels that
+    /// hand a whole block to a GEMM.
+    ///
+    /// # Safety
+    /// `r0 ≤ r1 ≤ rows`, the rows belong to this task, and no other view of them is alive.
+    pub(crate) unsafe fn block_mut<'a>(&self, r0: usize, r1: usize) -> faer::MatMut<'a, f32> {
+        debug_assert!(r0 <= r1 && r1 <= self.rows);
+        // SAFETY: the view covers y[t, r0..r1] for t < n, inside the n × rows output, owned by this task.
+        unsafe { faer::MatMut::from_raw_parts_mut(self.ptr.add(r0), self.n, r1 - r0, self.rows as isize, 1) }
+    }
+}
+
+/// Clears the upper halves of the vector registers (vzeroupper). Call it after faer's AVX-512 GEMMs: left dirty,
+/// they make the SSE code that follows (libm's `expf` in SiLU and softmax) run several times slower (measured on
+/// the calibration forward: 7× more samples in `expf` without it).
+pub fn clear_upper_vector_state() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: AVX is available (checked); vzeroupper only clears upper register halves no live value uses
+        // across this call boundary.
+        unsafe { clear_upper_avx() }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn clear_upper_avx() {
+    std::arch::x86_64::_mm256_zeroupper();
 }
 
 /// Below this many weight bytes × tokens a call runs on the calling thread: waking the pool costs a few

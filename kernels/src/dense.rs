@@ -8,6 +8,15 @@ use crate::bytes::SharedBytes;
 use half::{bf16, f16};
 use crate::cpu::{self, Isa, OutRows};
 
+/// From this many tokens on, [`DenseWeight::matmul`] runs a GEMM: below it each weight is reused too few times for
+/// packing into GEMM panels to pay off, and the row-dot kernels (memory-bound on the weights) win.
+pub const GEMM_MIN_TOKENS: usize = 16;
+
+/// Rows per GEMM block: about 1 MiB of f32 weights (the widened copy of an f16 block stays in L2), 16 to 256 rows.
+fn gemm_block_rows(cols: usize) -> usize {
+    ((1 << 20) / (cols.max(1) * 4)).clamp(16, 256) / 16 * 16
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     F32,
@@ -82,9 +91,56 @@ impl DenseWeight {
         bytemuck::cast_slice(self.bytes.as_slice())
     }
 
-    /// y[t, r] = Σ_c x[t, c] · W[r, c] for `n` activation rows, with the best kernel for this CPU.
+    /// y[t, r] = Σ_c x[t, c] · W[r, c] for `n` activation rows, with the best kernel for this CPU: the row-dot
+    /// kernels for decode-sized `n`, a GEMM from [`GEMM_MIN_TOKENS`] tokens on.
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        self.matmul_isa(Isa::best(), x, n, y)
+        if n >= GEMM_MIN_TOKENS {
+            self.matmul_gemm(x, n, y)
+        } else {
+            self.matmul_isa(Isa::best(), x, n, y)
+        }
+    }
+
+    /// The GEMM path of [`Self::matmul`]: blocks of rows (widened to f32 first when stored as f16/bf16) times all
+    /// tokens, each block one sequential faer GEMM, blocks spread over rayon. With many tokens every weight is
+    /// reused `n` times, so the product is compute-bound and a register-blocked GEMM (outer products, no
+    /// horizontal sums) runs several times faster than the row-dot kernels; widening a block costs one pass over
+    /// its weights, which is 1/n of the block's multiply-adds.
+    pub fn matmul_gemm(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
+        assert_eq!(x.len(), n * cols, "x must be n × cols");
+        assert_eq!(y.len(), n * rows, "y must be n × rows");
+        let block = gemm_block_rows(cols);
+        let lhs = faer::MatRef::from_row_major_slice(x, n, cols);
+        cpu::for_row_blocks(rows, block, cols * self.dtype.size(), n, y, |r0, r1, out| {
+            for b0 in (r0..r1).step_by(block) {
+                let b1 = (b0 + block).min(r1);
+                let mut wide = cpu::Scratch::take(&cpu::ROW_SCRATCH, 0);
+                let w: &[f32] = match self.dtype {
+                    DType::F32 => &self.f32s()[b0 * cols..b1 * cols],
+                    _ => {
+                        wide.clear();
+                        wide.resize((b1 - b0) * cols, 0.0);
+                        match self.dtype {
+                            DType::F16 => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                                &self.f16s()[b0 * cols..b1 * cols],
+                                &mut wide,
+                            ),
+                            _ => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                                &self.bf16s()[b0 * cols..b1 * cols],
+                                &mut wide,
+                            ),
+                        }
+                        &wide
+                    }
+                };
+                let rhs = faer::MatRef::from_row_major_slice(w, b1 - b0, cols).transpose();
+                // SAFETY: rows b0..b1 lie in this task's block r0..r1, and this is the only view of them.
+                let dst = unsafe { out.block_mut(b0, b1) };
+                faer::linalg::matmul::matmul(dst, faer::Accum::Replace, lhs, rhs, 1.0f32, faer::Par::Seq);
+            }
+            cpu::clear_upper_vector_state();
+        });
     }
 
     /// Same with a chosen instruction set (scalar if unsupported); tests compare them.

@@ -347,18 +347,23 @@ fn sparse24_int4_uses_about_three_bits_per_weight() {
     assert!(bits < 3.25, "2:4 int4 uses {bits:.3} bits per weight");
 }
 
+/// A random `rows × cols` weight stored as `dtype`.
+fn random_dense(rng: &mut Rng, rows: usize, cols: usize, dtype: DType) -> DenseWeight {
+    let vals: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
+    let bytes: Vec<u8> = match dtype {
+        DType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => vals.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+        DType::BF16 => vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+    };
+    DenseWeight::from_bytes(rows, cols, dtype, SharedBytes::from_vec(bytes))
+}
+
 #[test]
 fn dense_f32_f16_bf16_match_reference() {
     let mut rng = Rng(11);
     for &(rows, cols) in &[(7, 171), (3, 8), (5, 16), (9, 1000), (2, 3)] {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            let vals: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
-            let bytes: Vec<u8> = match dtype {
-                DType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                DType::F16 => vals.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-                DType::BF16 => vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
-            };
-            let w = DenseWeight::from_bytes(rows, cols, dtype, SharedBytes::from_vec(bytes));
+            let w = random_dense(&mut rng, rows, cols, dtype);
             let stored = w.to_f32_vec();
             for n in [1usize, 3, 17] {
                 let x = activations(&mut rng, n, cols);
@@ -368,7 +373,28 @@ fn dense_f32_f16_bf16_match_reference() {
                     w.matmul_isa(isa, &x, n, &mut y);
                     check(&format!("dense {dtype:?} {rows}x{cols} n={n} {}", isa.name()), &y, &want);
                 }
+                let mut y = vec![f32::NAN; n * rows];
+                w.matmul_gemm(&x, n, &mut y);
+                check(&format!("dense {dtype:?} {rows}x{cols} n={n} gemm"), &y, &want);
             }
+        }
+    }
+}
+
+#[test]
+fn dense_gemm_path_matches_reference_over_row_blocks() {
+    // 600 rows of 333 columns: three GEMM row blocks (256 rows each at this width, the last ragged), run in
+    // parallel, for the prefill-sized token counts `matmul` sends to the GEMM.
+    let mut rng = Rng(14);
+    let (rows, cols) = (600, 333);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let w = random_dense(&mut rng, rows, cols, dtype);
+        let stored = w.to_f32_vec();
+        for n in [whittle_kernels::dense::GEMM_MIN_TOKENS, 37] {
+            let x = activations(&mut rng, n, cols);
+            let mut y = vec![f32::NAN; n * rows];
+            w.matmul(&x, n, &mut y);
+            check(&format!("dense gemm {dtype:?} n={n}"), &y, &reference(&stored, rows, cols, &x, n));
         }
     }
 }

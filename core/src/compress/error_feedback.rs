@@ -8,54 +8,58 @@
 //! objective. H⁻¹ is damped exactly as GPTQ damps it (the same λ), which also keeps the shift small where the
 //! calibration data says little.
 
+use super::hessian::{add_batch_products, add_block_products, check_finite, F32_BLOCK_ROWS};
 use super::linalg::{gemm_f64, solve_right_damped};
 use super::{CompressError, Hessian, Matrix};
 
-/// Running mean of D = 2/n Σ (x_d − x_q) x_qᵀ, scaled like the Hessian accumulator so the two combine exactly.
+/// D = 2/n Σ (x_d − x_q) x_qᵀ, summed like the Hessian (f32 blocks of at most `F32_BLOCK_ROWS` tokens, f64
+/// across blocks) and scaled the same way, so the two combine exactly.
 pub struct CrossAccumulator {
     n: usize,
-    d: Vec<f64>,
+    sum: Vec<f64>,
     samples: usize,
 }
 
 impl CrossAccumulator {
     pub fn new(n: usize) -> Self {
-        Self { n, d: vec![0.0; n * n], samples: 0 }
+        Self { n, sum: vec![0.0; n * n], samples: 0 }
     }
 
     /// Adds `rows` paired inputs: `xq` as the compressed model computed them, `xd` as the dense model did.
     pub fn add_batch(&mut self, xq: &[f32], xd: &[f32], rows: usize) -> Result<(), CompressError> {
+        self.add_batches(&[(xq, xd, rows)])
+    }
+
+    /// [`Self::add_batch`] for several pairs of batches, added in order (like `HessianAccumulator::add_batches`).
+    pub fn add_batches(&mut self, batches: &[(&[f32], &[f32], usize)]) -> Result<(), CompressError> {
         let n = self.n;
-        if xq.len() != rows * n || xd.len() != rows * n {
-            return Err(CompressError::Shape(format!("paired calibration batch must be {rows}×{n}")));
+        for &(xq, xd, rows) in batches {
+            if xq.len() != rows * n || xd.len() != rows * n {
+                return Err(CompressError::Shape(format!("paired calibration batch must be {rows}×{n}")));
+            }
+            check_finite(xd, n, "dense-path calibration input")?;
         }
-        if rows == 0 {
-            return Ok(());
-        }
-        let total = self.samples + rows;
-        let keep = self.samples as f64 / total as f64;
-        self.d.iter_mut().for_each(|v| *v *= keep);
-        // Dᵀ-layout product: (x_d − x_q)ᵀ (n×rows) times x_q (rows×n).
-        let delta_t: Vec<f64> = transpose(&xd.iter().zip(xq).map(|(d, q)| (d - q) as f64).collect::<Vec<_>>(), rows, n);
-        let q: Vec<f64> = xq.iter().map(|&v| v as f64).collect();
-        gemm_f64(&mut self.d, &delta_t, &q, n, rows, n, 2.0 / total as f64);
-        self.samples = total;
+        let block_len = F32_BLOCK_ROWS * n.max(1);
+        add_batch_products(&mut self.sum, n, batches.len(), |i, target, panel| {
+            let (xq, xd, _) = batches[i];
+            let mut delta = Vec::with_capacity(block_len.min(xq.len()));
+            for (q, d) in xq.chunks(block_len).zip(xd.chunks(block_len)) {
+                delta.clear();
+                delta.extend(d.iter().zip(q).map(|(d, q)| d - q));
+                // Dᵀ-layout product: (x_d − x_q)ᵀ (n×t) times x_q (t×n).
+                add_block_products(target, &delta, q, q.len() / n.max(1), n, false, panel);
+            }
+        });
+        self.samples += batches.iter().map(|b| b.2).sum::<usize>();
         Ok(())
     }
 
     pub fn finish(self) -> Vec<f64> {
-        self.d
+        let scale = if self.samples == 0 { 0.0 } else { 2.0 / self.samples as f64 };
+        let mut d = self.sum;
+        d.iter_mut().for_each(|v| *v *= scale);
+        d
     }
-}
-
-fn transpose(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
-    let mut t = vec![0.0; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = a[r * cols + c];
-        }
-    }
-    t
 }
 
 /// W' = W + W D (H + λI)⁻¹, λ = damp · mean diag(H) (raised like GPTQ's when the factorization fails).

@@ -90,20 +90,22 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// x·σ(x) with [`exp_approx`] (vectorizes; libm's expf is a call per element).
 fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + exp_approx(-x))
 }
 
-/// e^x for x ≤ 0 (softmax after subtracting the max), branch-free so the loop over scores vectorizes even with
-/// plain SSE2: n = round(x·log2 e) by the 1.5·2²³ magic-number trick, r = x − n·ln2 with a two-part (Cody–Waite)
-/// ln2 so r stays exact, e^r by its degree-6 Taylor series on |r| ≤ ½ln2 (truncation ≤ 1.3e-7 relative), and 2^n
-/// by building the exponent bits. libm's expf is a call per element and was a third of the attention time.
+/// e^x, branch-free so loops over it vectorize even with plain SSE2: x clamped to [−87, 88] (the normal f32
+/// range; e^−87 ≈ 1.6e-38 stands for anything smaller, which a softmax or sigmoid cannot tell from 0), n =
+/// round(x·log2 e) by the 1.5·2²³ magic-number trick, r = x − n·ln2 with a two-part (Cody–Waite) ln2 so r stays
+/// exact, e^r by its degree-6 Taylor series on |r| ≤ ½ln2 (truncation ≤ 1.3e-7 relative), and 2^n by building the
+/// exponent bits. libm's expf is a call per element and was a third of the attention time.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+fn exp_approx(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
     const LN2_HI: f32 = 0.693_359_4; // 0.693359375: few mantissa bits, so n·LN2_HI is exact
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.max(-87.0);
+    let x = x.clamp(-87.0, 88.0);
     let r = x * std::f32::consts::LOG2_E + MAGIC;
     let n = r - MAGIC;
     let f = (x - n * LN2_HI) - n * LN2_LO;
@@ -234,29 +236,57 @@ impl Model {
         s: &mut Scratch,
         mut observe: Option<Observer>,
     ) {
-        let cfg = &self.config;
-        let d = cfg.hidden_size;
-        let eps = cfg.rms_norm_eps as f32;
-        let [_, _, _, o_proj, gate_proj, up_proj, down_proj] = &block.linears;
+        let d = self.config.hidden_size;
         if let Some(obs) = observe.as_mut() {
             if obs(layer, Site::OIn, attn, n) {
                 return;
             }
         }
         let proj = ensure(&mut s.proj, n * d);
-        o_proj.forward(attn, n, proj);
+        block.linears[3].forward(attn, n, proj);
         for (xi, p) in x.iter_mut().zip(proj.iter()) {
             *xi += p;
         }
+        self.mlp_forward(layer, block, x, n, s, observe);
+    }
 
+    /// The rest of a block from `from` (see [`Resume`]); `x` need not hold the block's input, it is overwritten.
+    #[allow(clippy::too_many_arguments)]
+    pub fn block_forward_resumed(
+        &self,
+        layer: usize,
+        block: &Block,
+        x: &mut [f32],
+        n: usize,
+        from: &Resume,
+        s: &mut Scratch,
+        observe: Option<Observer>,
+    ) {
+        match from {
+            Resume::Attention(attn) => self.block_forward_from_attention(layer, block, x, n, attn, s, observe),
+            Resume::Residual(r) => {
+                x.copy_from_slice(r);
+                self.mlp_forward(layer, block, x, n, s, observe)
+            }
+            Resume::Mlp { residual, act } => {
+                x.copy_from_slice(residual);
+                self.down_forward(layer, block, x, n, act, s, observe)
+            }
+        }
+    }
+
+    /// The MLP half of a block on the residual stream `x` (after attention), updated in place.
+    fn mlp_forward(&self, layer: usize, block: &Block, x: &mut [f32], n: usize, s: &mut Scratch, mut observe: Option<Observer>) {
+        let cfg = &self.config;
+        let (d, im) = (cfg.hidden_size, cfg.intermediate_size);
+        let [_, _, _, _, gate_proj, up_proj, _] = &block.linears;
         let h = ensure(&mut s.h, n * d);
-        rms_norm(x, &block.mlp_norm, eps, h);
+        rms_norm(x, &block.mlp_norm, cfg.rms_norm_eps as f32, h);
         if let Some(obs) = observe.as_mut() {
             if obs(layer, Site::MlpIn, h, n) {
                 return;
             }
         }
-        let im = cfg.intermediate_size;
         let gate = ensure(&mut s.gate, n * im);
         gate_proj.forward(h, n, gate);
         let up = ensure(&mut s.up, n * im);
@@ -264,17 +294,38 @@ impl Model {
         for (g, u) in gate.iter_mut().zip(up.iter()) {
             *g = silu(*g) * u;
         }
+        let act = std::mem::take(&mut s.gate);
+        self.down_forward(layer, block, x, n, &act[..n * im], s, observe);
+        s.gate = act;
+    }
+
+    /// x += down_proj(act).
+    #[allow(clippy::too_many_arguments)]
+    fn down_forward(&self, layer: usize, block: &Block, x: &mut [f32], n: usize, act: &[f32], s: &mut Scratch, mut observe: Option<Observer>) {
         if let Some(obs) = observe.as_mut() {
-            if obs(layer, Site::DownIn, gate, n) {
+            if obs(layer, Site::DownIn, act, n) {
                 return;
             }
         }
-        let proj = ensure(&mut s.proj, n * d);
-        down_proj.forward(gate, n, proj);
+        let proj = ensure(&mut s.proj, n * self.config.hidden_size);
+        block.linears[6].forward(act, n, proj);
         for (xi, p) in x.iter_mut().zip(proj.iter()) {
             *xi += p;
         }
     }
+}
+
+/// Where a calibration pass through a block can restart instead of recomputing from the block's input: a point
+/// before which every linear of the block is final. Calibration compresses a block stage by stage, so each stage
+/// fixes one more point (see `calib::ResumeCache`).
+#[derive(Clone, Debug)]
+pub enum Resume {
+    /// The attention output (o_proj's input): q/k/v are final.
+    Attention(Vec<f32>),
+    /// The residual stream after attention, x + o_proj(attention): o_proj is final too.
+    Residual(Vec<f32>),
+    /// That residual and down_proj's input: gate/up are final too.
+    Mlp { residual: Vec<f32>, act: Vec<f32> },
 }
 
 /// Causal grouped-query attention of `n` new queries at positions pos0.. against the whole cache.
@@ -300,7 +351,7 @@ fn attention(cfg: &ModelConfig, q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, 
                 max = max.max(*s);
             }
             for s in sc.iter_mut() {
-                *s = exp_nonpositive(*s - max);
+                *s = exp_approx(*s - max);
             }
             let sum: f32 = sc.iter().sum();
             let inv = 1.0 / sum;
@@ -335,31 +386,36 @@ fn attention_prefill(cfg: &ModelConfig, q: &[f32], kc: &[f32], vc: &[f32], pos0:
     let group = cfg.num_heads / cfg.num_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let total = pos0 + n;
+    // Rows padded with zeros to whole 16-lane blocks, so every block of positions is a full vector.
+    let stride = total.div_ceil(16) * 16;
     let transpose = |cache: &[f32]| {
-        let mut t = vec![0.0f32; kvd * total];
+        let mut t = vec![0.0f32; kvd * stride];
         for (j, row) in cache[..total * kvd].chunks_exact(kvd).enumerate() {
             for (c, v) in row.iter().enumerate() {
-                t[c * total + j] = *v;
+                t[c * stride + j] = *v;
             }
         }
         t
     };
     let (kt, vt) = (transpose(kc), transpose(vc));
-    let heads = PrefillHeads { num_heads: cfg.num_heads, group, hd, total, scale, kt: &kt, vt: &vt };
-    let avx2 = avx2_fma();
+    let heads = PrefillHeads { num_heads: cfg.num_heads, group, hd, stride, scale, kt: &kt, vt: &vt };
+    // The kernels' instruction-set choice (run-time detection, `WHITTLE_KERNELS_ISA` to lower it).
+    let isa = whittle_kernels::Isa::best();
     let one_token = |t: usize, o: &mut [f32], sc: &mut Vec<f32>| {
         let qt = &q[t * qd..(t + 1) * qd];
         let len = pos0 + t + 1;
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: AVX2 and FMA were detected at run time.
-            return unsafe { heads.token_avx2(qt, len, o, sc) };
+        match isa {
+            // SAFETY: `Isa::best` only returns levels this CPU supports (AVX-512F implies AVX2 and FMA there).
+            #[cfg(target_arch = "x86_64")]
+            whittle_kernels::Isa::Avx512 => unsafe { heads.token_avx512(qt, len, o, sc) },
+            // SAFETY: as above, AVX2 and FMA were detected.
+            #[cfg(target_arch = "x86_64")]
+            whittle_kernels::Isa::Avx2 => unsafe { heads.token_avx2(qt, len, o, sc) },
+            _ => heads.token::<false, 8, 32>(qt, len, o, sc),
         }
-        let _ = avx2;
-        heads.token(qt, len, o, sc)
     };
     if n * total * qd > 1 << 20 {
-        out.par_chunks_mut(qd).enumerate().for_each_init(Vec::new, |sc, (t, o)| one_token(t, o, sc));
+        out.par_chunks_mut(qd).enumerate().with_min_len(16).for_each_init(Vec::new, |sc, (t, o)| one_token(t, o, sc));
     } else {
         let mut sc = Vec::new();
         for (t, o) in out.chunks_mut(qd).enumerate() {
@@ -368,22 +424,13 @@ fn attention_prefill(cfg: &ModelConfig, q: &[f32], kc: &[f32], vc: &[f32], pos0:
     }
 }
 
-/// Whether this CPU runs AVX2 and FMA (checked once; the std macro caches the answer).
-fn avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// The transposed keys and values of one prefill, and the per-token attention over them.
 struct PrefillHeads<'a> {
     num_heads: usize,
     group: usize,
     hd: usize,
-    total: usize,
+    /// Row length of `kt` and `vt`: the positions rounded up to 16.
+    stride: usize,
     scale: f32,
     kt: &'a [f32],
     vt: &'a [f32],
@@ -391,29 +438,70 @@ struct PrefillHeads<'a> {
 
 impl PrefillHeads<'_> {
     /// Attention of one query token `qt` (all heads) over the first `len` positions, into `o`.
+    ///
+    /// Register-blocked: scores are built `L4` positions at a time in four `L`-lane accumulators over head_dim
+    /// (each key loaded once, no pass over the score buffer per dimension), and the output sums 8 head dimensions
+    /// at a time against one load of each block of probabilities. Positions run to `len` rounded up to `L` (the
+    /// rows are zero-padded to 16): the probabilities past `len` are set to 0, so the padding and the causally
+    /// masked keys there add nothing, and no loop has a scalar tail. The plain form (a pass over the scores per
+    /// dimension, a dot product per output, scalar tails) was load-bound at about a tenth of the FMA rate.
+    /// `FMA`: fuse the multiply-adds (only where the CPU has FMA; elsewhere `mul_add` would be a libm call).
     #[inline(always)]
-    fn token(&self, qt: &[f32], len: usize, o: &mut [f32], sc: &mut Vec<f32>) {
-        let (hd, total) = (self.hd, self.total);
+    fn token<const FMA: bool, const L: usize, const L4: usize>(&self, qt: &[f32], len: usize, o: &mut [f32], sc: &mut Vec<f32>) {
+        let (hd, stride) = (self.hd, self.stride);
+        let padded = len.div_ceil(L) * L;
+        debug_assert!(padded <= stride);
+        sc.clear();
+        sc.resize(padded, 0.0);
         for h in 0..self.num_heads {
             let kvh = h / self.group;
-            sc.clear();
-            sc.resize(len, 0.0);
-            for (d, qv) in qt[h * hd..(h + 1) * hd].iter().enumerate() {
-                let qv = qv * self.scale;
-                let row = &self.kt[(kvh * hd + d) * total..][..len];
-                for (s, k) in sc.iter_mut().zip(row) {
-                    *s += qv * k;
-                }
+            let q = &qt[h * hd..(h + 1) * hd];
+            let keys = &self.kt[kvh * hd * stride..(kvh + 1) * hd * stride];
+            let mut p = 0;
+            while p + L4 <= padded {
+                self.scores::<L4, FMA>(q, keys, p, sc);
+                p += L4;
             }
-            let max = max8(sc);
-            for s in sc.iter_mut() {
-                *s = exp_nonpositive(*s - max);
+            while p < padded {
+                self.scores::<L, FMA>(q, keys, p, sc);
+                p += L;
             }
+            let max = max8(&sc[..len]);
+            for s in &mut sc[..len] {
+                *s = exp_approx(*s - max);
+            }
+            sc[len..].fill(0.0);
             let inv = 1.0 / sum8(sc);
-            for d in 0..hd {
-                let row = &self.vt[(kvh * hd + d) * total..][..len];
-                o[h * hd + d] = whittle_kernels::dense::dot_f32(sc, row) * inv;
+            let values = &self.vt[kvh * hd * stride..(kvh + 1) * hd * stride];
+            let out = &mut o[h * hd..(h + 1) * hd];
+            let mut d = 0;
+            while d + 8 <= hd {
+                let sums = weighted_sums::<8, L, FMA>(sc, &values[d * stride..], stride);
+                for (o, s) in out[d..d + 8].iter_mut().zip(sums) {
+                    *o = s * inv;
+                }
+                d += 8;
             }
+            while d < hd {
+                out[d] = weighted_sums::<1, L, FMA>(sc, &values[d * stride..], stride)[0] * inv;
+                d += 1;
+            }
+        }
+    }
+
+    /// Scaled scores of positions `p..p + B` for one head: Σ_d q_d · K[d][p..p + B], `keys` = K as
+    /// [head_dim][stride].
+    #[inline(always)]
+    fn scores<const B: usize, const FMA: bool>(&self, q: &[f32], keys: &[f32], p: usize, sc: &mut [f32]) {
+        let mut acc = [0.0f32; B];
+        for (d, &qd) in q.iter().enumerate() {
+            let row = &keys[d * self.stride + p..][..B];
+            for (a, &k) in acc.iter_mut().zip(row) {
+                *a = madd::<FMA>(qd, k, *a);
+            }
+        }
+        for (s, a) in sc[p..p + B].iter_mut().zip(acc) {
+            *s = a * self.scale;
         }
     }
 
@@ -422,8 +510,46 @@ impl PrefillHeads<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn token_avx2(&self, qt: &[f32], len: usize, o: &mut [f32], sc: &mut Vec<f32>) {
-        self.token(qt, len, o, sc)
+        self.token::<true, 8, 32>(qt, len, o, sc)
     }
+
+    /// [`Self::token`] for AVX-512: 16-lane blocks, so every loop (scores, softmax, outputs) runs twice as wide.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn token_avx512(&self, qt: &[f32], len: usize, o: &mut [f32], sc: &mut Vec<f32>) {
+        self.token::<true, 16, 64>(qt, len, o, sc)
+    }
+}
+
+/// a·b + c, fused when `FMA` (one rounding, one instruction on CPUs that have it).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Σ_p w[p] · V[d][p] for the `D` consecutive rows `d` of `values` (row stride `stride`), over the positions of
+/// `w` (a whole number of `L`-blocks): the D sums share each load of a block of weights, and each row keeps `L`
+/// partial sums (vector lanes).
+#[inline(always)]
+fn weighted_sums<const D: usize, const L: usize, const FMA: bool>(w: &[f32], values: &[f32], stride: usize) -> [f32; D] {
+    assert!(w.len().is_multiple_of(L) && (D == 0 || values.len() >= (D - 1) * stride + w.len()));
+    let mut acc = [[0.0f32; L]; D];
+    for p in (0..w.len()).step_by(L) {
+        let wb = &w[p..p + L];
+        for (dd, a) in acc.iter_mut().enumerate() {
+            // SAFETY: dd·stride + p + L ≤ (D − 1)·stride + w.len() ≤ values.len() (asserted above). Unchecked
+            // because a bounds check per row and block doubled this loop's instructions.
+            let row = unsafe { &*(values.as_ptr().add(dd * stride + p) as *const [f32; L]) };
+            for j in 0..L {
+                a[j] = madd::<FMA>(wb[j], row[j], a[j]);
+            }
+        }
+    }
+    core::array::from_fn(|dd| acc[dd].iter().sum::<f32>())
 }
 
 /// Maximum with 8 independent lanes (vectorizable; a single running maximum is a serial chain).
@@ -458,13 +584,18 @@ fn sum8(v: &[f32]) -> f32 {
 mod tests {
     #[test]
     fn fast_exp_matches_libm_within_5e7_relative() {
-        // Below about -80 the result is within a few ulps of the smallest normal float and irrelevant to a softmax.
+        // Below about -80 the result is within a few ulps of the smallest normal float and irrelevant to a softmax;
+        // 88 is the largest argument whose e^x is a finite f32.
         let mut x = -80.0f32;
-        while x <= 0.0 {
-            let (a, b) = (super::exp_nonpositive(x), x.exp());
+        while x <= 88.0 {
+            let (a, b) = (super::exp_approx(x), x.exp());
             assert!(((a - b) / b).abs() < 5e-7, "x={x}: {a} vs {b}");
             x += 0.0137;
         }
-        assert_eq!(super::exp_nonpositive(0.0), 1.0);
+        assert_eq!(super::exp_approx(0.0), 1.0);
+        // Saturation instead of overflow or NaN: SiLU of large inputs must stay finite.
+        assert!(super::exp_approx(1e4).is_finite() && super::exp_approx(-1e4) >= 0.0);
+        let (neg, pos) = (super::silu(-1e4), super::silu(1e4));
+        assert!(neg.is_finite() && neg.abs() < 1e-30 && pos == 1e4, "silu(±1e4) = {neg}, {pos}");
     }
 }

@@ -14,6 +14,6 @@ pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
 pub use kv_cache::{KvCache, Scratch};
-pub use llama::{Block, Linear, Model, Site, LINEAR_KINDS};
+pub use llama::{Block, Linear, Model, Resume, Site, LINEAR_KINDS};
 pub use load::{load_model, LoadedModel};
 pub use tokenizer::Tokenizer;

@@ -277,7 +277,7 @@ impl Builder<'_> {
                 }
             }
             run_block(&work, l, &mut xs, true, None, &mut |_, _| Ok(()))?;
-            run_block_with(model, &model.blocks[l], l, &mut xs_dense, true, None, None, &mut |_, _, _| Ok(()))?;
+            run_block_with(model, &model.blocks[l], l, &mut xs_dense, true, None, None, &mut |_| Ok(()))?;
         }
         Ok(unzip(out))
     }

@@ -201,17 +201,29 @@ pub fn run_block_with(
                     }
                     false
                 };
-                // Without `update` the pass runs on a copy; a stop at the MLP leaves the residual in it.
+                // Stopping at the attention input needs no restart point.
+                let resume = slot.at.as_ref().filter(|_| past_attention);
+                // The pass starts from the block's input, or from the kept residual; without `update` it runs on a
+                // copy, and a stop at the MLP leaves the residual in it.
                 let mut tmp = Vec::new();
-                let state = if update {
-                    &mut *x
-                } else {
-                    tmp = x.clone();
-                    &mut tmp
+                let state: &mut [f32] = match (update, resume.and_then(Resume::residual)) {
+                    (true, Some(r)) => {
+                        x.copy_from_slice(r);
+                        x
+                    }
+                    (true, None) => x,
+                    (false, Some(r)) => {
+                        tmp = r.to_vec();
+                        &mut tmp
+                    }
+                    (false, None) => {
+                        tmp = x.clone();
+                        &mut tmp
+                    }
                 };
-                match slot.at.as_ref() {
-                    Some(from) if past_attention => model.block_forward_resumed(layer, block, state, n, from, &mut s, Some(&mut obs)),
-                    _ => {
+                match resume {
+                    Some(from) => model.block_forward_resumed(layer, block, state, n, from, &mut s, Some(&mut obs)),
+                    None => {
                         model.rope.tables(0, n, &mut s.cos, &mut s.sin);
                         let mut cache = LayerCache { k: Vec::new(), v: Vec::new() };
                         model.block_forward(layer, block, state, n, 0, &mut cache, &mut s, Some(&mut obs));
@@ -295,18 +307,30 @@ pub fn collect_hessian_and_cross(
             Some((q, d)) => (q.next(), d.next()),
             None => (None, None),
         };
-        let mut dense_inputs: Vec<Captured> = Vec::new();
-        run_block_with(model, dense_block, layer, d_chunk, false, Some(site), d_slots, &mut |chunk| {
-            dense_inputs = chunk;
-            Ok(())
-        })?;
-        run_block_with(model, &model.blocks[layer], layer, q_chunk, false, Some(site), q_slots, &mut |chunk| {
-            let batches: Vec<(&[f32], usize)> = chunk.iter().map(|c| (&c.input[..], c.n)).collect();
-            acc.add_batches(&batches).map_err(err)?;
-            let pairs: Vec<(&[f32], &[f32], usize)> =
-                chunk.iter().zip(&dense_inputs).map(|(q, d)| (&q.input[..], &d.input[..], q.n)).collect();
-            cross.add_batches(&pairs).map_err(err)
-        })?;
+        // The two paths run side by side (each over its windows in parallel), so neither waits on the other's
+        // stragglers; their inputs are folded in once both are done.
+        let (mut dense_inputs, mut inputs): (Vec<Captured>, Vec<Captured>) = (Vec::new(), Vec::new());
+        let (dense, compressed) = rayon::join(
+            || {
+                run_block_with(model, dense_block, layer, d_chunk, false, Some(site), d_slots, &mut |chunk| {
+                    dense_inputs = chunk;
+                    Ok(())
+                })
+            },
+            || {
+                run_block_with(model, &model.blocks[layer], layer, q_chunk, false, Some(site), q_slots, &mut |chunk| {
+                    inputs = chunk;
+                    Ok(())
+                })
+            },
+        );
+        dense?;
+        compressed?;
+        let batches: Vec<(&[f32], usize)> = inputs.iter().map(|c| (&c.input[..], c.n)).collect();
+        acc.add_batches(&batches).map_err(err)?;
+        let pairs: Vec<(&[f32], &[f32], usize)> =
+            inputs.iter().zip(&dense_inputs).map(|(q, d)| (&q.input[..], &d.input[..], q.n)).collect();
+        cross.add_batches(&pairs).map_err(err)?;
     }
     Ok((acc.finish(), cross.finish()))
 }

@@ -281,10 +281,17 @@ fn compress_model_restarting(
         }
         // The next block is calibrated on this block's outputs with its compressed weights.
         // A restored layer computed no attention here; its cache is empty and the forward computes it.
-        run_block_with(model, &model.blocks[l], l, &mut xs, true, None, slots_of(&mut resume_q), &mut |_| Ok(()))?;
-        if feedback {
-            run_block_with(model, &dense_blocks[l], l, &mut xs_dense, true, None, slots_of(&mut resume_d), &mut |_| Ok(()))?;
-        }
+        // Both paths side by side (only the compressed one without error feedback).
+        let m: &Model = model;
+        let (compressed, dense) = rayon::join(
+            || run_block_with(m, &m.blocks[l], l, &mut xs, true, None, slots_of(&mut resume_q), &mut |_| Ok(())),
+            || match dense_blocks.get(l) {
+                Some(block) => run_block_with(m, block, l, &mut xs_dense, true, None, slots_of(&mut resume_d), &mut |_| Ok(())),
+                None => Ok(()),
+            },
+        );
+        compressed?;
+        dense?;
         if let Some(cp) = checkpoint.as_deref_mut() {
             // Streaming: this layer's weights (compressed, and the dense originals of error feedback) are done with.
             for lin in model.blocks[l].linears.iter_mut().chain(dense_blocks.get_mut(l).into_iter().flat_map(|b| b.linears.iter_mut())) {

@@ -250,7 +250,8 @@ impl Model {
         self.mlp_forward(layer, block, x, n, s, observe);
     }
 
-    /// The rest of a block from `from` (see [`Resume`]); `x` need not hold the block's input, it is overwritten.
+    /// The rest of a block from `from` (see [`Resume`]). `x` holds the block's input for `Resume::Attention`, and
+    /// the kept residual ([`Resume::residual`]) for the others: callers copy it where they need a copy anyway.
     #[allow(clippy::too_many_arguments)]
     pub fn block_forward_resumed(
         &self,
@@ -264,14 +265,8 @@ impl Model {
     ) {
         match from {
             Resume::Attention(attn) => self.block_forward_from_attention(layer, block, x, n, attn, s, observe),
-            Resume::Residual(r) => {
-                x.copy_from_slice(r);
-                self.mlp_forward(layer, block, x, n, s, observe)
-            }
-            Resume::Mlp { residual, act } => {
-                x.copy_from_slice(residual);
-                self.down_forward(layer, block, x, n, act, s, observe)
-            }
+            Resume::Residual(_) => self.mlp_forward(layer, block, x, n, s, observe),
+            Resume::Mlp { act, .. } => self.down_forward(layer, block, x, n, act, s, observe),
         }
     }
 
@@ -326,6 +321,16 @@ pub enum Resume {
     Residual(Vec<f32>),
     /// That residual and down_proj's input: gate/up are final too.
     Mlp { residual: Vec<f32>, act: Vec<f32> },
+}
+
+impl Resume {
+    /// The residual stream a resumed pass starts from (`None` from attention: it starts from the block's input).
+    pub fn residual(&self) -> Option<&[f32]> {
+        match self {
+            Resume::Attention(_) => None,
+            Resume::Residual(r) | Resume::Mlp { residual: r, .. } => Some(r),
+        }
+    }
 }
 
 /// Causal grouped-query attention of `n` new queries at positions pos0.. against the whole cache.
@@ -549,7 +554,22 @@ fn weighted_sums<const D: usize, const L: usize, const FMA: bool>(w: &[f32], val
             }
         }
     }
-    core::array::from_fn(|dd| acc[dd].iter().sum::<f32>())
+    core::array::from_fn(|dd| lane_sum(acc[dd]))
+}
+
+/// The sum of a vector's `L` lanes (a power of two) by halving: log2 L vector adds instead of a serial chain of
+/// L − 1 scalar ones, which cost as much as the product loop itself on short rows.
+#[inline(always)]
+fn lane_sum<const L: usize>(mut v: [f32; L]) -> f32 {
+    debug_assert!(L.is_power_of_two());
+    let mut w = L;
+    while w > 1 {
+        w /= 2;
+        for j in 0..w {
+            v[j] += v[j + w];
+        }
+    }
+    v[0]
 }
 
 /// Maximum with 8 independent lanes (vectorizable; a single running maximum is a serial chain).

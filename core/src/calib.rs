@@ -119,7 +119,6 @@ impl ResumeCache {
 
 /// The input of the observed site in one window: `input` is `[n, width]`.
 pub struct Captured {
-    pub window: usize,
     pub input: Vec<f32>,
     pub n: usize,
 }
@@ -185,7 +184,7 @@ pub fn run_block_with(
         }
     };
     let chunk_len = chunk_for(model, xs);
-    for (ci, (chunk, slot_chunk)) in xs.chunks_mut(chunk_len).zip(slots.chunks_mut(chunk_len)).enumerate() {
+    for (chunk, slot_chunk) in xs.chunks_mut(chunk_len).zip(slots.chunks_mut(chunk_len)) {
         let captured: Vec<Option<Vec<f32>>> = chunk
             .par_iter_mut()
             .zip(slot_chunk.par_iter_mut())
@@ -252,8 +251,7 @@ pub fn run_block_with(
         let captured: Vec<Captured> = captured
             .into_iter()
             .zip(chunk.iter())
-            .enumerate()
-            .filter_map(|(i, (c, x))| c.map(|input| Captured { window: ci * chunk_len + i, input, n: x.len() / d }))
+            .filter_map(|(c, x)| c.map(|input| Captured { input, n: x.len() / d }))
             .collect();
         if !captured.is_empty() {
             observe(captured)?;

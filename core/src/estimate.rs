@@ -13,9 +13,10 @@ use crate::plan::ResolvedPlan;
 use serde::Serialize;
 
 
-/// Sustained f32 FLOP/s per core assumed for the time estimate (measured 15–30 GFLOP/s on the development VM's
-/// Zen 4 cores for these shapes); an estimate, not a promise.
-const FLOPS_PER_CORE: f64 = 20e9;
+/// Sustained FLOP/s per core assumed for the time estimate, as the formula below counts them: calibrated on the
+/// development VM (2 cores), where a 7b-shaped GPTQ w4g128 layer with 128×512 calibration tokens took 16.7 and
+/// 20.2 minutes, about 52 GFLOP/s per core by this count. An estimate, not a promise.
+const FLOPS_PER_CORE: f64 = 50e9;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Estimate {

@@ -1,7 +1,8 @@
 //! Dense weights (f32, f16, bf16) and their matrix product with f32 activations on the CPU.
-//! Rows of the output are split over rayon (`cpu::for_row_blocks`, writing in place); the AVX2 kernel widens
-//! f16 with F16C and bf16 with a 16-bit shift in registers (never expanding to an f32 copy) and shares each loaded
-//! weight vector across up to 4 tokens. The portable kernel runs 8 independent accumulators so LLVM still emits
+//! Rows of the output are split over rayon (`cpu::for_row_blocks`, writing in place). For decode-sized token counts
+//! the AVX2 kernel widens f16 with F16C and bf16 with a 16-bit shift in registers (never expanding to an f32 copy)
+//! and shares each loaded weight vector across up to 4 tokens; prefill-sized products run as faer GEMMs on blocks
+//! of rows (`DenseWeight::matmul_gemm`). The portable kernel runs 8 independent accumulators so LLVM still emits
 //! packed SIMD without fast-math; it is the fallback and the reference in tests.
 
 use crate::bytes::SharedBytes;

@@ -5,7 +5,8 @@
 //! quantized ones, `{kind}.weight` for float ones) and, in the header metadata, its per-linear results. Each file is
 //! written to a temporary name and renamed, so a file that exists is complete: a job killed at any point restarts
 //! from the last layer it finished, and a folder made for another model, plan or calibration is refused rather than
-//! mixed in.
+//! mixed in. `states.safetensors` holds the calibration states after the last finished layer, so the restart does
+//! not run the finished layers forward again.
 
 use crate::compress::QuantizedLinear;
 use crate::compress_model::{Checkpoint, CompressedWeight, FinishedLayer, LayerResult};
@@ -23,6 +24,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 const KEY_FILE: &str = "checkpoint.json";
+/// The calibration states after the last finished layer (`crate::saved_states`).
+const STATES_FILE: &str = "states.safetensors";
 
 /// Gives back the memory of the weights whose names start with the prefix (see `Checkpoint::release`).
 pub type Release = Box<dyn Fn(&str)>;
@@ -182,6 +185,14 @@ impl Checkpoint for CheckpointDir {
         if let Some(r) = &self.release {
             r(prefix);
         }
+    }
+
+    fn save_states(&mut self, after_layer: usize, paths: &[&[Vec<f32>]], hidden: usize) -> Result<()> {
+        crate::saved_states::save(&self.dir.join(STATES_FILE), after_layer, paths, hidden)
+    }
+
+    fn restore_states(&mut self, paths: &mut [&mut Vec<Vec<f32>>]) -> Result<Option<usize>> {
+        crate::saved_states::restore(&self.dir.join(STATES_FILE), paths)
     }
 }
 

@@ -89,6 +89,17 @@ pub trait Checkpoint {
     /// The weights whose names start with `prefix` are done with and may leave memory: a finished layer's
     /// (`model.layers.{l}.`) once its outputs are computed, the embedding once the calibration windows are embedded.
     fn release(&mut self, prefix: &str);
+    /// Stores the calibration states (`paths`: the compressed path's per-window states, then the dense path's) as
+    /// they are after `after_layer` layers, so a restart need not run the finished layers forward again. Optional:
+    /// the default keeps nothing.
+    fn save_states(&mut self, _after_layer: usize, _paths: &[&[Vec<f32>]], _hidden: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Fills `paths` with the saved states and returns how many layers they have passed through; `None` when none
+    /// were saved.
+    fn restore_states(&mut self, _paths: &mut [&mut Vec<Vec<f32>>]) -> Result<Option<usize>> {
+        Ok(None)
+    }
 }
 
 const STAGES: [(&str, Site, &[usize]); 4] = [
@@ -160,6 +171,13 @@ fn compress_model_restarting(
     let cache = || if restart { ResumeCache::new(&model.config, windows.len(), tokens) } else { None };
     let mut resume_q = cache();
     let mut resume_d = if feedback { cache() } else { None };
+    // A restarted job continues from the states its last finished layer saved; layers before them are not run again.
+    let states_after = match checkpoint.as_deref_mut() {
+        Some(cp) if feedback => cp.restore_states(&mut [&mut xs, &mut xs_dense])?,
+        Some(cp) => cp.restore_states(&mut [&mut xs])?,
+        None => None,
+    }
+    .unwrap_or(0);
     for l in 0..model.config.num_layers {
         for c in [&mut resume_q, &mut resume_d].into_iter().flatten() {
             c.clear();
@@ -170,8 +188,14 @@ fn compress_model_restarting(
         };
         let mut finished = FinishedLayer { layer: l, results: Vec::new(), weights: Vec::new() };
         let was_restored = restored.is_some();
+        if l < states_after && !was_restored {
+            return Err(WhittleError::Invalid(format!(
+                "the checkpoint's calibration states are after layer {states_after}, but layer {l} is not finished; delete the checkpoint folder to start over"
+            )));
+        }
         if let Some(done) = restored {
-            for (k, w) in &done.weights {
+            // Weights a restored layer's forward needs; none when the restored states are already past it.
+            for (k, w) in done.weights.iter().filter(|_| l >= states_after) {
                 let lin = &mut model.blocks[l].linears[*k];
                 let (rows, cols) = (lin.weight.rows(), lin.weight.cols());
                 lin.weight = Weight::Dense(DenseWeight::from_f32(rows, cols, w.values()));
@@ -279,19 +303,25 @@ fn compress_model_restarting(
         if let (Some(cp), false) = (checkpoint.as_deref_mut(), was_restored) {
             cp.save(&finished)?;
         }
-        // The next block is calibrated on this block's outputs with its compressed weights.
-        // A restored layer computed no attention here; its cache is empty and the forward computes it.
-        // Both paths side by side (only the compressed one without error feedback).
-        let m: &Model = model;
-        let (compressed, dense) = rayon::join(
-            || run_block_with(m, &m.blocks[l], l, &mut xs, true, None, slots_of(&mut resume_q), &mut |_| Ok(())),
-            || match dense_blocks.get(l) {
-                Some(block) => run_block_with(m, block, l, &mut xs_dense, true, None, slots_of(&mut resume_d), &mut |_| Ok(())),
-                None => Ok(()),
-            },
-        );
-        compressed?;
-        dense?;
+        // The next block is calibrated on this block's outputs with its compressed weights (unless the restored
+        // states are already past it). A restored layer computed no attention here; its cache is empty and the
+        // forward computes it. Both paths side by side (only the compressed one without error feedback).
+        if l >= states_after {
+            let m: &Model = model;
+            let (compressed, dense) = rayon::join(
+                || run_block_with(m, &m.blocks[l], l, &mut xs, true, None, slots_of(&mut resume_q), &mut |_| Ok(())),
+                || match dense_blocks.get(l) {
+                    Some(block) => run_block_with(m, block, l, &mut xs_dense, true, None, slots_of(&mut resume_d), &mut |_| Ok(())),
+                    None => Ok(()),
+                },
+            );
+            compressed?;
+            dense?;
+            if let (Some(cp), true) = (checkpoint.as_deref_mut(), l + 1 < model.config.num_layers) {
+                let paths: Vec<&[Vec<f32>]> = if feedback { vec![&xs, &xs_dense] } else { vec![&xs] };
+                cp.save_states(l + 1, &paths, model.config.hidden_size)?;
+            }
+        }
         if let Some(cp) = checkpoint.as_deref_mut() {
             // Streaming: this layer's weights (compressed, and the dense originals of error feedback) are done with.
             for lin in model.blocks[l].linears.iter_mut().chain(dense_blocks.get_mut(l).into_iter().flat_map(|b| b.linears.iter_mut())) {
@@ -320,19 +350,24 @@ mod tests {
     use crate::plan::Plan;
     use std::path::Path;
 
+    /// The default model, the w4g32 preset and a small calibration set (6 windows of 48 tokens).
+    fn small_job() -> (crate::model::LoadedModel, ResolvedPlan, Vec<Vec<u32>>) {
+        let m = load_model(&crate::model::source::default_model_dir().unwrap()).unwrap();
+        let plan = Plan::from_toml_str(include_str!("../../presets/w4g32.toml"), Path::new("w4g32.toml"))
+            .unwrap()
+            .resolve(&m.model.linear_shapes(), 0, 16.0)
+            .unwrap();
+        let text = include_str!("../../assets/tinystories_train_calib.txt");
+        let windows = calibration_windows(&m.tokenizer, text, &CalibSettings { samples: 6, ctx: 48 }, "calib").unwrap();
+        (m, plan, windows)
+    }
+
     /// The restart cache is only a cache: compressing with it, and with every stage recomputed from the block's
     /// input, gives bit-identical weights (same operations on the same values, in the same order).
     #[test]
     fn restart_cache_changes_nothing_but_time() {
-        let dir = crate::model::source::default_model_dir().unwrap();
         let run = |restart: bool| {
-            let mut m = load_model(&dir).unwrap();
-            let plan = Plan::from_toml_str(include_str!("../../presets/w4g32.toml"), Path::new("w4g32.toml"))
-                .unwrap()
-                .resolve(&m.model.linear_shapes(), 0, 16.0)
-                .unwrap();
-            let text = include_str!("../../assets/tinystories_train_calib.txt");
-            let windows = calibration_windows(&m.tokenizer, text, &CalibSettings { samples: 6, ctx: 48 }, "calib").unwrap();
+            let (mut m, plan, windows) = small_job();
             let out = compress_model_restarting(&mut m.model, &plan, &windows, &mut |_| {}, &|| false, None, restart).unwrap();
             let weights: Vec<Vec<f32>> = m.model.blocks.iter().flat_map(|b| b.linears.iter().map(|l| weight_f32(&l.weight))).collect();
             (out.layers.iter().map(|l| l.rel_error).collect::<Vec<_>>(), weights)
@@ -343,5 +378,47 @@ mod tests {
         for (a, b) in cached.0.iter().zip(&recomputed.0) {
             assert!((a - b).abs() <= 1e-12 * b.abs(), "per-layer errors differ: {a} vs {b}");
         }
+    }
+
+    /// A job stopped after two layers restarts from the calibration states it saved (layers 0 and 1 are not run
+    /// again) and ends with exactly the weights of an uninterrupted run; and the states are really what the restart
+    /// reads: perturbing them changes the later layers.
+    #[test]
+    fn a_restart_continues_from_the_saved_states_and_equals_an_uninterrupted_run() {
+        use crate::checkpoint::CheckpointDir;
+        let key = serde_json::json!({ "test": "states" });
+        let tmp = tempfile::tempdir().unwrap();
+        let run = |dir: &Path, stop_after_two: bool| -> Result<Vec<Vec<f32>>> {
+            let (mut m, plan, windows) = small_job();
+            let mut cp = CheckpointDir::open(dir, &key, None).unwrap();
+            let stop = || stop_after_two && dir.join("layer-00001.safetensors").exists();
+            compress_model_with(&mut m.model, &plan, &windows, &mut |_| {}, &stop, Some(&mut cp))?;
+            Ok((0..m.model.config.num_layers)
+                .flat_map(|l| cp.restore(l).unwrap().unwrap().weights.into_iter().map(|(_, w)| w.values()))
+                .collect())
+        };
+        let whole = run(&tmp.path().join("whole"), false).unwrap();
+
+        let resumed_dir = tmp.path().join("resumed");
+        assert!(matches!(run(&resumed_dir, true), Err(WhittleError::Cancelled)));
+        let states = resumed_dir.join("states.safetensors");
+        let (_, _, windows) = small_job();
+        let hidden = load_model(&crate::model::source::default_model_dir().unwrap()).unwrap().model.config.hidden_size;
+        let mut saved: [Vec<Vec<f32>>; 2] = std::array::from_fn(|_| windows.iter().map(|w| vec![0.0; w.len() * hidden]).collect());
+        let [q, d] = &mut saved;
+        assert_eq!(crate::saved_states::restore(&states, &mut [q, d]).unwrap(), Some(2), "states after the two finished layers");
+        let perturbed_dir = tmp.path().join("perturbed");
+        std::fs::create_dir_all(&perturbed_dir).unwrap();
+        for entry in std::fs::read_dir(&resumed_dir).unwrap() {
+            let p = entry.unwrap().path();
+            std::fs::copy(&p, perturbed_dir.join(p.file_name().unwrap())).unwrap();
+        }
+        saved[0][0][0] += 1.0;
+        crate::saved_states::save(&perturbed_dir.join("states.safetensors"), 2, &[&saved[0], &saved[1]], hidden).unwrap();
+
+        let resumed = run(&resumed_dir, false).unwrap();
+        assert!(resumed == whole, "the resumed run's weights differ from the uninterrupted run's");
+        let perturbed = run(&perturbed_dir, false).unwrap();
+        assert!(perturbed != whole, "a restart must read the saved states, not recompute them");
     }
 }

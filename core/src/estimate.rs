@@ -24,7 +24,7 @@ pub struct Estimate {
     pub compress_peak_bytes: u64,
     /// Peak resident bytes while writing the export (all integer forms and the packed tensors at once).
     pub export_peak_bytes: u64,
-    /// Bytes written: finished layers in the checkpoint folder, then the export.
+    /// Bytes written: finished layers and calibration states in the checkpoint folder, then the export.
     pub disk_bytes: u64,
     /// Order of magnitude of the wall time on `cores` cores.
     pub seconds: f64,
@@ -70,7 +70,8 @@ pub fn estimate(cfg: &ModelConfig, plan: &ResolvedPlan, dtype_bytes: u64, window
     let layers_u = cfg.num_layers.max(1) as u64;
     let embedding = cfg.vocab_size as u64 * d * dtype_bytes;
     let export_peak_bytes = (integer_forms + plan.linear_bytes) / layers_u + embedding + resident_weights;
-    let disk_bytes = integer_forms + plan.size_bytes;
+    // The checkpoint also keeps the calibration states after the last finished layer (`saved_states`).
+    let disk_bytes = integer_forms + plan.size_bytes + states;
 
     let layers = cfg.num_layers as f64;
     let attention = 2.0 * (ctx as f64) * (qd as f64) * 2.0; // per token: scores and weighted sum, half the window on average

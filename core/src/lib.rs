@@ -13,6 +13,7 @@ pub mod export;
 pub mod model;
 pub mod plan;
 pub mod runtime;
+pub mod saved_states;
 pub mod search;
 pub mod synth;
 

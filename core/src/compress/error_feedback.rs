@@ -8,7 +8,7 @@
 //! objective. H⁻¹ is damped exactly as GPTQ damps it (the same λ), which also keeps the shift small where the
 //! calibration data says little.
 
-use super::hessian::{add_batch_products, add_block_products, check_finite, F32_BLOCK_ROWS};
+use super::hessian::{add_batch_products, add_block_products, check_finite, zeroed, F32_BLOCK_ROWS};
 use super::linalg::{gemm_f64, solve_right_damped};
 use super::{CompressError, Hessian, Matrix};
 
@@ -22,7 +22,7 @@ pub struct CrossAccumulator {
 
 impl CrossAccumulator {
     pub fn new(n: usize) -> Self {
-        Self { n, sum: vec![0.0; n * n], samples: 0 }
+        Self { n, sum: zeroed(n * n), samples: 0 }
     }
 
     /// Adds `rows` paired inputs: `xq` as the compressed model computed them, `xd` as the dense model did.

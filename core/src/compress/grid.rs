@@ -12,8 +12,12 @@ pub const MSE_GRID: usize = 100;
 /// Smallest shrink factor tried. algorithms.md §2 says "down to maxshrink", i.e. p ∈ [0.8, 1]. (The reference
 /// quant.py loops `int(maxshrink·grid)` times and so reaches p = 0.21; we follow the spec document.)
 pub const MSE_MAXSHRINK: f32 = 0.8;
-/// Norm of the clipping search error Σ|x − x̂|^NORM.
-pub const MSE_NORM: f32 = 2.4;
+/// Norm of the clipping search error Σ|x − x̂|^NORM: 2, the quadratic error GPTQ itself minimizes, where the
+/// reference code (and algorithms.md §2) use 2.4. Means of the default model's GPTQ perplexity over runs with the
+/// damp moved by ≤ 0.4% (single runs scatter by about 0.3%): w4g32 4.2975 against 4.3062 (45 and 54 runs over 5–6
+/// base damps, lower at every one), WikiText-2 119.2 against 119.8, w4g128 4.364 against 4.372; but w3g32 5.025
+/// against 5.006 (9 runs each). A square also needs no `powf`, a fortieth of a whole compression. README, quality.
+pub const MSE_NORM: i32 = 2;
 
 /// One quantization grid: x̂ = scale · (q − zero), q ∈ [0, maxq].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -47,7 +51,7 @@ impl Grid {
     }
 
     /// Fit the grid to `values` (algorithms.md §2). With `mse`, shrink the range by the factor p ∈ [MSE_MAXSHRINK, 1]
-    /// minimizing Σ|x − x̂|^2.4.
+    /// minimizing Σ|x − x̂|^MSE_NORM.
     pub fn fit(values: &[f32], bits: u8, sym: bool, mse: bool) -> Grid {
         let maxq = Self::maxq_for(bits);
         // Range clamped so that 0 is inside it (0 must be exactly representable: pruned and dead weights are 0).
@@ -92,7 +96,7 @@ impl Grid {
 
     /// Σ|x − x̂|^MSE_NORM over `values`.
     fn lp_error(&self, values: &[f32]) -> f32 {
-        values.iter().map(|&x| (x - self.fake_quant(x)).abs().powf(MSE_NORM)).sum()
+        values.iter().map(|&x| (x - self.fake_quant(x)).powi(MSE_NORM)).sum()
     }
 
     /// q = clamp(round(x / s) + z, 0, maxq).

@@ -35,7 +35,10 @@ const PANEL_BYTES: usize = 8 << 20;
 /// [`F32_BLOCK_ROWS`]): an f32 GEMM per panel of rows of the product, each panel added into the f64 `sum`
 /// (row-major n × n). With `lower_only`, only j ≤ i is computed and added (a Hessian's lower triangle).
 pub(crate) fn add_block_products(sum: &mut [f64], a: &[f32], b: &[f32], t: usize, n: usize, lower_only: bool, panel: &mut Vec<f32>) {
-    let rows = (PANEL_BYTES / (n.max(1) * 4)).clamp(16, n.max(16));
+    // Lower triangle: at least 4 panels, so the panels above the diagonal are skipped (5/8 of the full product's
+    // flops at 4 panels); one panel would compute the whole square.
+    let most = if lower_only { n.div_ceil(4) } else { n };
+    let rows = (PANEL_BYTES / (n.max(1) * 4)).min(most).max(16);
     let am = MatRef::from_row_major_slice(a, t, n);
     let bm = MatRef::from_row_major_slice(b, t, n);
     for i0 in (0..n).step_by(rows) {
@@ -71,21 +74,45 @@ pub(crate) fn add_batch_products(
     product: impl Fn(usize, &mut [f64], &mut Vec<f32>) + Sync,
 ) {
     if batches > 1 && batches * n * n * 8 <= PARALLEL_PARTIALS_BYTES {
-        let partials: Vec<Vec<f64>> = (0..batches)
-            .into_par_iter()
-            .map(|i| {
-                let mut part = vec![0.0; n * n];
-                product(i, &mut part, &mut Vec::new());
-                part
-            })
-            .collect();
-        for part in partials {
-            sum.iter_mut().zip(&part).for_each(|(s, p)| *s += p);
+        // Taken out of the thread-local pools (not borrowed) for the call: a nested call on this thread, from work
+        // rayon runs while it waits, then starts from empty pools instead of finding them borrowed.
+        let mut partials = PARTIALS.take();
+        if partials.len() < batches {
+            partials.resize_with(batches, Vec::new);
         }
+        partials[..batches].par_iter_mut().enumerate().for_each(|(i, part)| {
+            part.clear();
+            part.resize(n * n, 0.0);
+            let mut panel = PANEL.take();
+            product(i, part, &mut panel);
+            PANEL.set(panel);
+        });
+        for part in &partials[..batches] {
+            sum.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+        }
+        PARTIALS.set(partials);
     } else {
-        let mut panel = Vec::new();
+        let mut panel = PANEL.take();
         (0..batches).for_each(|i| product(i, sum, &mut panel));
+        PANEL.set(panel);
     }
+}
+
+thread_local! {
+    /// The per-batch partial sums of [`add_batch_products`] (at most [`PARALLEL_PARTIALS_BYTES`]) and the f32 panels
+    /// of [`add_block_products`] (at most [`PANEL_BYTES`]), kept per thread between calls: fresh pages for them cost
+    /// a page fault each, and a partial sum is read before it is first written, so its fault also flushed the other
+    /// cores' TLBs (about a twentieth of a small model's whole compression).
+    static PARTIALS: std::cell::Cell<Vec<Vec<f64>>> = const { std::cell::Cell::new(Vec::new()) };
+    static PANEL: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// `len` zeros, written rather than calloc'ed: the sums are read before they are first written, and reading a
+/// calloc'ed page maps the shared zero page, whose copy-on-write at the first write flushes every core's TLB.
+pub(crate) fn zeroed(len: usize) -> Vec<f64> {
+    let mut v = Vec::with_capacity(len);
+    v.resize(len, 0.0);
+    v
 }
 
 /// The first non-finite value of a batch, as an error naming its row and feature.
@@ -112,7 +139,7 @@ pub struct HessianAccumulator {
 impl HessianAccumulator {
     /// An empty accumulator for inputs of `n` features (the layer's in_features).
     pub fn new(n: usize) -> Self {
-        Self { n, sum: vec![0.0; n * n], samples: 0 }
+        Self { n, sum: zeroed(n * n), samples: 0 }
     }
 
     pub fn n(&self) -> usize {

@@ -63,7 +63,7 @@ pub struct QuantSpec {
     pub act_order: bool,
     /// With act-order: fit group parameters on the unpermuted weights so groups stay contiguous (no g_idx needed).
     pub static_groups: bool,
-    /// Search a shrink factor of the grid range minimizing the 2.4-norm error.
+    /// Search a shrink factor of the grid range minimizing the squared error (`grid::MSE_NORM`).
     pub mse: bool,
 }
 

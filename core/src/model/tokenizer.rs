@@ -32,7 +32,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
-            .encode(text, false)
+            .encode_fast(text, false)
             .map_err(|e| WhittleError::file(&self.path, format!("tokenization failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }

@@ -448,12 +448,12 @@ fn attention_prefill(cfg: &ModelConfig, q: &[f32], kc: &[f32], vc: &[f32], pos0:
             _ => heads.token::<false, 8, 32>(qt, len, o, sc),
         }
     };
-    // Tokens in parallel for a long prefill, unless this already runs inside the pool (calibration runs windows in
-    // parallel around it; splitting each window again only added scheduling).
     if let Some(tiles) = QueryTiles::for_head_dim(hd, isa) {
         tiles.run(&heads, q, qd, pos0, n, out);
         return;
     }
+    // Tokens in parallel for a long prefill, unless this already runs inside the pool (calibration runs windows in
+    // parallel around it; splitting each window again only added scheduling).
     if n * total * qd > 1 << 20 && rayon::current_thread_index().is_none() {
         out.par_chunks_mut(qd).enumerate().with_min_len(16).for_each_init(Vec::new, |sc, (t, o)| one_token(t, o, sc));
     } else {

@@ -172,9 +172,9 @@ fn compress_model_restarting(
     let mut resume_q = cache();
     let mut resume_d = if feedback { cache() } else { None };
     // A restarted job continues from the states its last finished layer saved; layers before them are not run again.
+    // (Without error feedback `xs_dense` is empty and adds no states.)
     let states_after = match checkpoint.as_deref_mut() {
-        Some(cp) if feedback => cp.restore_states(&mut [&mut xs, &mut xs_dense])?,
-        Some(cp) => cp.restore_states(&mut [&mut xs])?,
+        Some(cp) => cp.restore_states(&mut [&mut xs, &mut xs_dense])?,
         None => None,
     }
     .unwrap_or(0);
@@ -318,8 +318,7 @@ fn compress_model_restarting(
             compressed?;
             dense?;
             if let (Some(cp), true) = (checkpoint.as_deref_mut(), l + 1 < model.config.num_layers) {
-                let paths: Vec<&[Vec<f32>]> = if feedback { vec![&xs, &xs_dense] } else { vec![&xs] };
-                cp.save_states(l + 1, &paths, model.config.hidden_size)?;
+                cp.save_states(l + 1, &[&xs, &xs_dense], model.config.hidden_size)?;
             }
         }
         if let Some(cp) = checkpoint.as_deref_mut() {
@@ -402,8 +401,8 @@ mod tests {
         let resumed_dir = tmp.path().join("resumed");
         assert!(matches!(run(&resumed_dir, true), Err(WhittleError::Cancelled)));
         let states = resumed_dir.join("states.safetensors");
-        let (_, _, windows) = small_job();
-        let hidden = load_model(&crate::model::source::default_model_dir().unwrap()).unwrap().model.config.hidden_size;
+        let (m, _, windows) = small_job();
+        let hidden = m.model.config.hidden_size;
         let mut saved: [Vec<Vec<f32>>; 2] = std::array::from_fn(|_| windows.iter().map(|w| vec![0.0; w.len() * hidden]).collect());
         let [q, d] = &mut saved;
         assert_eq!(crate::saved_states::restore(&states, &mut [q, d]).unwrap(), Some(2), "states after the two finished layers");

@@ -10,6 +10,7 @@
 //! restoring add nothing to the job's resident memory beyond the states themselves.
 
 use crate::error::{Result, WhittleError};
+use crate::export::atomic::write_atomic_with;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
@@ -31,18 +32,7 @@ pub fn save(path: &Path, after_layer: usize, paths: &[&[Vec<f32>]], hidden: usiz
         }
     }
     let metadata = HashMap::from([(AFTER_LAYER.to_string(), after_layer.to_string())]);
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    let tmp = path.with_file_name(name);
-    let write = || -> std::io::Result<()> {
-        safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(std::io::Error::other)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        WhittleError::io(path, e)
-    })
+    write_atomic_with(path, |tmp| safetensors::serialize_to_file(views, Some(metadata), tmp).map_err(std::io::Error::other))
 }
 
 /// Reads the states at `path` into `paths` (sized as the job's own states, which the file must match exactly) and

@@ -115,17 +115,24 @@ pub fn write_atomic_dir<T>(target: &Path, force: bool, write: impl FnOnce(&Path)
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so `path` is complete or
 /// absent.
 pub fn write_atomic_file(path: &Path, bytes: &[u8]) -> crate::error::Result<()> {
+    write_atomic_with(path, |tmp| {
+        use std::io::Write;
+        std::fs::File::create(tmp)?.write_all(bytes)
+    })
+}
+
+/// [`write_atomic_file`] for a writer that creates the temporary file itself (`write(tmp)`, e.g. streaming tensors
+/// without building the file in memory); the file is synced before the rename.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> crate::error::Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");
     let tmp = path.with_file_name(name);
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+    let commit = || -> std::io::Result<()> {
+        write(&tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, path)
     };
-    write().map_err(|e| {
+    commit().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         crate::error::WhittleError::io(path, e)
     })

@@ -452,9 +452,7 @@ fn attention_prefill(cfg: &ModelConfig, q: &[f32], kc: &[f32], vc: &[f32], pos0:
         tiles.run(&heads, q, qd, pos0, n, out);
         return;
     }
-    // Tokens in parallel for a long prefill, unless this already runs inside the pool (calibration runs windows in
-    // parallel around it; splitting each window again only added scheduling).
-    if n * total * qd > 1 << 20 && rayon::current_thread_index().is_none() {
+    if prefill_in_parallel(n, total, qd) {
         out.par_chunks_mut(qd).enumerate().with_min_len(16).for_each_init(Vec::new, |sc, (t, o)| one_token(t, o, sc));
     } else {
         let mut sc = Vec::new();
@@ -570,6 +568,13 @@ impl PrefillHeads<'_> {
     }
 }
 
+/// Whether a prefill's attention (`n` queries over `total` positions, `qd` wide) splits its queries over the pool:
+/// only when long enough to pay for rayon, and not when this already runs inside the pool (calibration runs windows
+/// in parallel around it; splitting each window again only added scheduling).
+fn prefill_in_parallel(n: usize, total: usize, qd: usize) -> bool {
+    n * total * qd > 1 << 20 && rayon::current_thread_index().is_none()
+}
+
 /// Attention of small heads (head_dim 8 or 16) a tile of queries at a time: each vector lane is one query, so a
 /// key costs head_dim multiply-adds for all the tile's scores (the key broadcast), one exponential vector and
 /// head_dim multiply-adds into the outputs, with no reduction across lanes. The per-token form pays a vector
@@ -613,9 +618,8 @@ impl QueryTiles {
     fn run(self, heads: &PrefillHeads<'_>, q: &[f32], qd: usize, pos0: usize, n: usize, out: &mut [f32]) {
         let lanes = self.lanes();
         let tile = |(i, rows): (usize, &mut [f32]), scores: &mut Vec<f32>| {
+            let (t0, count) = (i * lanes, rows.len() / qd);
             for h in 0..heads.num_heads {
-                let t0 = i * lanes;
-                let count = rows.len() / qd;
                 // SAFETY: `for_head_dim` only returns a variant whose instruction set this CPU supports.
                 match self {
                     #[cfg(target_arch = "x86_64")]
@@ -630,7 +634,7 @@ impl QueryTiles {
             }
         };
         let out = &mut out[..n * qd];
-        if n * (pos0 + n) * qd > 1 << 20 && rayon::current_thread_index().is_none() {
+        if prefill_in_parallel(n, pos0 + n, qd) {
             out.par_chunks_mut(lanes * qd).enumerate().for_each_init(Vec::new, |sc, c| tile(c, sc));
         } else {
             let mut scores = Vec::new();

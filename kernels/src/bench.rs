@@ -14,36 +14,49 @@ use std::time::Instant;
 /// Reads `bytes` (split evenly over `threads` threads, each its own contiguous part) several times and returns the
 /// best read bandwidth in GB/s (10⁹ bytes per second).
 pub fn measure_stream_read_gbps(bytes: usize, threads: usize) -> f64 {
-    let threads = threads.max(1);
-    let words = (bytes / 8).max(threads * 64);
-    // Non-zero contents so every page is really backed (a zeroed allocation can map one shared zero page).
-    let buf: Vec<u64> = (0..words as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).collect();
-    let part = words / threads;
-    let mut best = 0.0f64;
-    for _ in 0..5 {
-        // Each worker times its own read; the span is first start to last end. (Timing from the coordinating
-        // thread overstates bandwidth when that thread is descheduled right after the barrier on a busy machine.)
-        let barrier = std::sync::Barrier::new(threads);
-        let spans: Vec<(Instant, Instant)> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let chunk = &buf[t * part..(t + 1) * part];
-                    let barrier = &barrier;
-                    s.spawn(move || {
-                        barrier.wait();
-                        let t0 = Instant::now();
-                        std::hint::black_box(xor_fold(chunk));
-                        (t0, Instant::now())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().expect("stream reader thread")).collect()
-        });
-        let start = spans.iter().map(|s| s.0).min().expect("at least one thread");
-        let end = spans.iter().map(|s| s.1).max().expect("at least one thread");
-        best = best.max((part * threads * 8) as f64 / (end - start).as_secs_f64() / 1e9);
+    StreamBuffer::new(bytes, threads).best_gbps(threads, 5)
+}
+
+/// A buffer for stream-read measurements, allocated once so a benchmark can measure between its own rounds.
+struct StreamBuffer(Vec<u64>);
+
+impl StreamBuffer {
+    fn new(bytes: usize, threads: usize) -> Self {
+        let words = (bytes / 8).max(threads.max(1) * 64);
+        // Non-zero contents so every page is really backed (a zeroed allocation can map one shared zero page).
+        StreamBuffer((0..words as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).collect())
     }
-    best
+
+    /// The best of `passes` reads of the whole buffer on `threads` threads, in GB/s.
+    fn best_gbps(&self, threads: usize, passes: usize) -> f64 {
+        let threads = threads.max(1);
+        let part = self.0.len() / threads;
+        let mut best = 0.0f64;
+        for _ in 0..passes {
+            // Each worker times its own read; the span is first start to last end. (Timing from the coordinating
+            // thread overstates bandwidth when that thread is descheduled right after the barrier on a busy machine.)
+            let barrier = std::sync::Barrier::new(threads);
+            let spans: Vec<(Instant, Instant)> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|t| {
+                        let chunk = &self.0[t * part..(t + 1) * part];
+                        let barrier = &barrier;
+                        s.spawn(move || {
+                            barrier.wait();
+                            let t0 = Instant::now();
+                            std::hint::black_box(xor_fold(chunk));
+                            (t0, Instant::now())
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().expect("stream reader thread")).collect()
+            });
+            let start = spans.iter().map(|s| s.0).min().expect("at least one thread");
+            let end = spans.iter().map(|s| s.1).max().expect("at least one thread");
+            best = best.max((part * threads * 8) as f64 / (end - start).as_secs_f64() / 1e9);
+        }
+        best
+    }
 }
 
 /// XOR of all words with 8 independent lanes: loads at full width, one cheap op per load.
@@ -59,6 +72,14 @@ fn xor_fold(v: &[u64]) -> u64 {
     acc.iter().chain(rest).fold(0, |a, b| a ^ b)
 }
 
+/// Rounds of (stream read, ~100 ms of GEMVs) in `bench_gemv_q8`.
+const ROUNDS: usize = 7;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 /// Rows × cols of a benchmarked layer (e.g. 4096 × 11008 is LLaMA-7B's up/gate projection, 11008 × 4096 its down).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemvShape {
@@ -69,13 +90,14 @@ pub struct GemvShape {
 /// Result of `bench_gemv`.
 #[derive(Clone, Debug)]
 pub struct GemvReport {
-    /// Median seconds per GEMV (one token).
+    /// Median seconds per GEMV (one token), over all rounds.
     pub seconds: f64,
     /// Bytes the kernel had to read per call (weights, scales, zeros; not the small activation vector).
     pub bytes_read: usize,
     /// bytes_read / seconds, in GB/s.
     pub gbps: f64,
-    /// Stream-read bandwidth measured in the same run with the same thread count, GB/s.
+    /// Stream-read bandwidth measured in the same run with the same thread count, between the GEMV's rounds:
+    /// the median of the rounds, GB/s.
     pub stream_gbps: f64,
     /// gbps / stream_gbps.
     pub fraction_of_bandwidth: f64,
@@ -218,24 +240,31 @@ pub fn bench_gemv_q8(
     let mut rng = SplitMix(7);
     let x: Vec<f32> = (0..shape.cols).map(|_| rng.f32()).collect();
     let mut y = vec![0.0f32; shape.rows];
-    let stream_gbps = pool.install(|| measure_stream_read_gbps(256 << 20, threads));
+    // This VM's memory bandwidth drifts by 10-20% within seconds (neighbours), so the stream read is measured in
+    // rounds between the GEMV's timings, not once before them, and both figures are medians over the same span.
+    let stream = StreamBuffer::new(256 << 20, threads);
+    let mut streams = Vec::new();
     let mut times = Vec::new();
     pool.install(|| {
         for c in &copies {
             mm(c, &x, &mut y); // warm-up: page in, wake threads
         }
-        let t_end = Instant::now() + std::time::Duration::from_millis(700);
         let mut i = 0;
-        while times.len() < 20 || (Instant::now() < t_end && times.len() < 2000) {
-            let t = Instant::now();
-            mm(&copies[i % copies.len()], &x, &mut y);
-            times.push(t.elapsed().as_secs_f64());
-            i += 1;
+        for _ in 0..ROUNDS {
+            streams.push(stream.best_gbps(threads, 2));
+            let t_end = Instant::now() + std::time::Duration::from_millis(100);
+            let before = times.len();
+            while times.len() - before < 3 || (Instant::now() < t_end && times.len() - before < 300) {
+                let t = Instant::now();
+                mm(&copies[i % copies.len()], &x, &mut y);
+                times.push(t.elapsed().as_secs_f64());
+                i += 1;
+            }
         }
     });
     std::hint::black_box(&y);
-    times.sort_by(|a, b| a.total_cmp(b));
-    let seconds = times[times.len() / 2];
+    let seconds = median(&mut times);
+    let stream_gbps = median(&mut streams);
     let gbps = bytes as f64 / seconds / 1e9;
     let mut kind = if bits == 16 {
         "f16 dense".to_string()

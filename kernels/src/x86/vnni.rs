@@ -176,10 +176,11 @@ unsafe fn rows_tile<const R: usize, const WIDE: bool>(
     // SAFETY (pointers and loads below): rows r..r+R each have nw·16 words; xq has nw·32 (WIDE: nw·64) words.
     let rows: [*const u32; R] = core::array::from_fn(|i| unsafe { w.words.as_ptr().add((r + i) * nw * 16) });
     let mut tot = [_mm512_setzero_ps(); R];
-    // Software prefetch of the next tile (the R rows after these, contiguous): R lines per word step, so it is all
-    // requested by the end of this tile. The hardware prefetcher alone sees R short interleaved streams per tile
-    // and ramps up too late on short rows.
-    let next = w.words.as_ptr().wrapping_add((r + R) * nw * 16) as *const i8;
+    // Software prefetch of the tile after the next one (rows r+2R..r+3R, contiguous): R lines per word step, so it
+    // is all requested by the end of this tile. The hardware prefetcher alone sees R short interleaved streams per
+    // tile and ramps up too late (without this prefetch the GEMV runs at ~60% of the bandwidth). Two tiles ahead
+    // rather than one measured 1-7% faster on both 7b shapes (in-process A/B, 2 threads).
+    let next = w.words.as_ptr().wrapping_add((r + 2 * R) * nw * 16) as *const i8;
     let next_end = w.words.as_ptr().wrapping_add(w.words.len()) as *const i8;
     for wi in 0..nw {
         for j in 0..R {

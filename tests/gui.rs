@@ -308,6 +308,15 @@ fn chat_streams_replies_from_the_original_and_the_packed_variant() {
     let packed = c.packed.as_ref().expect("the variant is packed");
     assert_eq!(packed.report.packed, 35, "every linear runs packed");
     assert!(c.columns[1].weight_bytes < c.columns[0].weight_bytes, "4-bit weights take less memory than f32");
+    // The compressed column's device: without CUDA the pane names the CPU (why is its tooltip); with a GPU, the switch.
+    match &c.gpu.device {
+        Some(Err(why)) => {
+            eprintln!("GPU switch absent: {why}");
+            assert!(h.query_all_by_label_contains("on the CPU").next().is_some(), "the pane names the CPU");
+        }
+        Some(Ok(_)) => assert!(h.query_all_by_label_contains("on the GPU").next().is_some(), "the GPU switch is shown"),
+        None => panic!("the GPU probe never answered"),
+    }
     let word = c.columns[0].replies[0].split_whitespace().find(|w| w.len() >= 4 && w.chars().all(char::is_alphabetic)).unwrap().to_string();
     assert!(h.query_all_by_label_contains(&word).next().is_some(), "the reply ({word} …) is on screen");
     no_errors(&h);

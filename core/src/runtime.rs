@@ -6,8 +6,10 @@ use crate::compress::{compress_data_free, Matrix, QuantizedLinear};
 use crate::compress_model::weight_f32;
 use crate::error::{Result, WhittleError};
 use crate::plan::{ModulePlan, ResolvedPlan};
-use crate::model::{Model, LINEAR_KINDS};
+use crate::model::{Linear, Model, LINEAR_KINDS};
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use whittle_kernels::cuda::{CudaDevice, CudaLinear};
 use whittle_kernels::packed::QuantParts;
 use whittle_kernels::sparse24::{Sparse24Values, Sparse24Weight};
 use whittle_kernels::{DenseWeight, PackedWeight, Weight};
@@ -49,7 +51,7 @@ pub fn pack_model(model: &mut Model, quantized: &BTreeMap<String, QuantizedLinea
             let name = Model::module_name(l, kind);
             let lin = &mut model.blocks[l].linears[k];
             if let Some(packed) = packed_form(&lin.weight, quantized.get(&name)) {
-                report.put(name, &mut lin.weight, packed);
+                report.put(name, lin, packed);
             }
         }
     }
@@ -78,7 +80,8 @@ fn packed_form(weight: &Weight, quantized: Option<&QuantizedLinear>) -> Option<R
 
 impl PackReport {
     /// Puts a packed form in place of `weight`, or records why the linear stays dense.
-    fn put(&mut self, name: String, weight: &mut Weight, packed: Result<Weight, String>) {
+    /// Installs a packed weight (dropping any GPU mirror of the old one) or records why the linear stays dense.
+    fn put(&mut self, name: String, lin: &mut Linear, packed: Result<Weight, String>) {
         match packed {
             Ok(w) => {
                 if matches!(w, Weight::Sparse24(_)) {
@@ -86,7 +89,8 @@ impl PackReport {
                 } else {
                     self.packed += 1;
                 }
-                *weight = w;
+                lin.weight = w;
+                lin.cuda = None;
             }
             Err(e) => self.dense.push((name, e)),
         }
@@ -123,13 +127,14 @@ pub fn pack_data_free(model: &mut Model, plan: &ResolvedPlan, release: &dyn Fn(&
                     let packed = packed_form(&dense, None);
                     if packed.is_none() {
                         lin.weight = dense;
+                        lin.cuda = None;
                         report.dense.push((name.clone(), "pruned without a 2:4 pattern: runs dense with zeros".into()));
                     }
                     packed
                 }
             };
             if let Some(p) = packed {
-                report.put(name, &mut lin.weight, p);
+                report.put(name, lin, p);
             }
         }
         release(&format!("model.layers.{l}."));
@@ -147,4 +152,38 @@ pub fn weight_bytes(model: &Model) -> usize {
     let linears: usize = model.blocks.iter().flat_map(|b| b.linears.iter()).map(|l| l.weight.resident_bytes()).sum();
     let norms: usize = model.blocks.iter().map(|b| (b.attn_norm.len() + b.mlp_norm.len()) * 4).sum();
     linears + model.embed.bytes().len() + model.lm_head.weight.resident_bytes() + norms + model.norm.len() * 4
+}
+
+/// What [`offload_cuda`] put on the GPU.
+#[derive(Clone, Debug, Default)]
+pub struct OffloadReport {
+    /// Linears whose forward now runs on the GPU.
+    pub on_gpu: usize,
+    /// Bytes of weights in device memory.
+    pub device_bytes: usize,
+    /// (module, reason) for linears that stay on the CPU.
+    pub on_cpu: Vec<(String, String)>,
+}
+
+/// Uploads every linear a CUDA kernel runs (4-bit packed, f16 dense) so the forward pass runs it on `dev`; norms,
+/// attention, the embedding and the other linears stay on the CPU. Call it after packing or compressing: a linear
+/// whose weight is replaced later must drop its `cuda` mirror. An upload that fails (out of device memory) leaves
+/// that linear on the CPU and is reported with the rest.
+pub fn offload_cuda(model: &mut Model, dev: &Arc<CudaDevice>) -> OffloadReport {
+    let mut report = OffloadReport::default();
+    let mut place = |name: String, lin: &mut Linear| match CudaLinear::upload(dev, &lin.weight) {
+        Ok(c) => {
+            report.on_gpu += 1;
+            report.device_bytes += c.device_bytes();
+            lin.cuda = Some(Arc::new(c));
+        }
+        Err(why) => report.on_cpu.push((name, why)),
+    };
+    for l in 0..model.blocks.len() {
+        for (k, kind) in LINEAR_KINDS.iter().enumerate() {
+            place(Model::module_name(l, kind), &mut model.blocks[l].linears[k]);
+        }
+    }
+    place("lm_head".into(), &mut model.lm_head);
+    report
 }

@@ -5,7 +5,7 @@
 //! - `gemv`: one packed GEMV vs the stream-read bandwidth measured in the same run.
 
 use super::plan_args::{resolve, run_compression, CalibArgs, PlanArgs};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use std::time::Instant;
 use whittle_core::model::{KvCache, Scratch};
@@ -48,7 +48,7 @@ pub struct DecodeArgs {
     /// Timed repetitions; the best is reported.
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
-    /// cpu (CUDA decode is not wired into the runtime yet).
+    /// cpu or cuda (the linears a CUDA kernel runs go to the GPU; without a usable GPU: the CPU, saying why).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     #[arg(long)]
@@ -105,9 +105,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
 }
 
 fn decode(a: DecodeArgs, prefill: bool) -> Result<()> {
-    if a.device != "cpu" {
-        bail!("--device {}: the decode runtime runs on the CPU; CUDA kernels are measured by `whittle bench gemv`", a.device);
-    }
     let mut m = super::load(a.model.as_deref())?;
     let mut packed = None;
     if a.plan.given() {
@@ -120,6 +117,10 @@ fn decode(a: DecodeArgs, prefill: bool) -> Result<()> {
             let out = run_compression(&mut m, &resolved, &a.calib, true)?;
             packed = Some(pack_model(&mut m.model, &out.quantized));
         }
+    }
+    let placement = super::device::place_model(&a.device, &mut m.model)?;
+    if !a.json {
+        println!("{}", placement.line);
     }
     let pool = pool(a.threads)?;
     let model = &m.model;
@@ -149,7 +150,8 @@ fn decode(a: DecodeArgs, prefill: bool) -> Result<()> {
     let threads = pool.current_num_threads();
     // Decode reads every weight but the embedding (one row of it) once per token, plus on average half the final
     // KV cache: at the stream-read bandwidth that is the most tokens/s this machine can give.
-    let bound = (!prefill).then(|| {
+    // The bound is the CPU's: with linears on the GPU it does not apply.
+    let bound = (!prefill && placement.offload.is_none()).then(|| {
         let per_token = weight_bytes(model) - model.embed.bytes().len() + cache_bytes / 2;
         let stream = pool.install(|| measure_stream_read_gbps(256 << 20, threads));
         (stream, stream * 1e9 / per_token as f64, per_token)
@@ -165,6 +167,12 @@ fn decode(a: DecodeArgs, prefill: bool) -> Result<()> {
         }
         if let Some(rss) = peak_rss {
             v["peak_rss_bytes"] = rss.into();
+        }
+        v["device"] = if placement.offload.is_some() { "cuda" } else { "cpu" }.into();
+        v["placement"] = placement.line.clone().into();
+        if let Some(o) = &placement.offload {
+            v["gpu_linears"] = o.on_gpu.into();
+            v["device_bytes"] = o.device_bytes.into();
         }
         if let Some(p) = &packed {
             v["packed_linears"] = p.packed.into();

@@ -8,7 +8,7 @@
 
 use super::plan_args::{resolve, run_compression, CalibArgs, PlanArgs};
 use super::sampling::{SamplingArgs, SamplingDefaults};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use std::io::{BufRead, Write};
 use whittle_core::chat::{ChatMessage, ChatTemplate, TextStream};
@@ -25,7 +25,8 @@ pub struct ChatArgs {
     pub plan: PlanArgs,
     #[command(flatten)]
     pub calib: CalibArgs,
-    /// cpu or cuda (CUDA falls back to the CPU, saying why).
+    /// cpu or cuda: the linears a CUDA kernel runs (4-bit packed, f16) go to the GPU; without a usable GPU it
+    /// runs on the CPU and says why.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Most tokens per reply.
@@ -42,23 +43,6 @@ pub struct ChatArgs {
 impl ChatArgs {
     fn sampling(&self) -> Result<Sampling> {
         self.sampling.to_sampling(&SamplingDefaults { sample: true, temperature: 0.7, top_p: 0.9 })
-    }
-}
-
-/// Where the matmuls run. The decode runtime is CPU-only; `cuda` is checked so the user learns why it is not used.
-fn device_line(device: &str) -> Result<String> {
-    let cpu = format!(
-        "CPU ({}, {} threads)",
-        whittle_kernels::Isa::best().name(),
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    );
-    match device {
-        "cpu" => Ok(cpu),
-        "cuda" => Ok(match whittle_kernels::cuda::cuda_available() {
-            Ok(dev) => format!("{cpu}: CUDA device {} found, but the decode runtime runs on the CPU", dev.name()),
-            Err(why) => format!("{cpu}: {why}, falling back to the CPU"),
-        }),
-        other => bail!("--device {other}: expected cpu or cuda"),
     }
 }
 
@@ -100,7 +84,6 @@ fn reply(m: &LoadedModel, template: &ChatTemplate, history: &[ChatMessage], opts
 
 pub fn run(a: ChatArgs) -> Result<()> {
     let sampling = a.sampling()?;
-    let device = device_line(&a.device)?;
     let mut m = super::load(a.model.as_deref())?;
     let report = if a.plan.given() {
         let resolved = resolve(&a.plan.to_plan()?, &m)?;
@@ -113,11 +96,15 @@ pub fn run(a: ChatArgs) -> Result<()> {
     } else {
         None
     };
-    eprintln!("{}; {device}", pack_line(report.as_ref(), &m));
+    let placement = super::device::place_model(&a.device, &mut m.model)?;
+    eprintln!("{}; {}", pack_line(report.as_ref(), &m), placement.line);
     if let Some(r) = &report {
         for (name, why) in &r.dense {
             eprintln!("  {name} stays dense: {why}");
         }
+    }
+    for (why, names) in placement.cpu_reasons_grouped() {
+        eprintln!("  {} on the CPU ({}{}): {why}", names.len(), names[0], if names.len() > 1 { ", …" } else { "" });
     }
     let template = ChatTemplate::from_dir(&m.dir)?;
     if !template.has_template() {

@@ -4,6 +4,7 @@
 mod bench;
 mod chat;
 mod compress;
+mod device;
 mod eval;
 mod export;
 mod generate;

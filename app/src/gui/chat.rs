@@ -5,6 +5,9 @@
 //! what makes its speed and memory figures mean something. Packing happens once per variant on a background job
 //! and the packed model is kept here, not repacked per message. Each column's reply is its own [`Job`], separate
 //! from the window's main job, so chatting never waits on (or blocks) a compression.
+//!
+//! Where a CUDA GPU is found, a switch in the pane packs the variant again with its 4-bit and f16 linears offloaded
+//! (`runtime::offload_cuda`); where none is, the pane says why and the switch is absent.
 
 use super::jobs::{Ended, Job, Sink};
 use super::state::AppState;
@@ -16,7 +19,8 @@ use whittle_core::compress::types::QuantizedLinear;
 use whittle_core::chat::{ChatMessage, ChatTemplate, TextStream};
 use whittle_core::model::generate::{generate, GenerateOptions, Sampling};
 use whittle_core::model::LoadedModel;
-use whittle_core::runtime::{pack_model, weight_bytes, PackReport};
+use whittle_core::runtime::{offload_cuda, pack_model, weight_bytes, OffloadReport, PackReport};
+use whittle_kernels::cuda::{cuda_available, CudaDevice};
 
 /// Sampling settings of the pane.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,6 +92,8 @@ pub struct Packed {
     pub variant: u64,
     pub model: Arc<LoadedModel>,
     pub report: PackReport,
+    /// What runs on the GPU, when the pane's GPU switch was on while packing.
+    pub gpu: Option<OffloadReport>,
 }
 
 /// A packed copy of variant `variant`.
@@ -95,6 +101,18 @@ pub struct PackMsg {
     variant: u64,
     model: Box<LoadedModel>,
     report: PackReport,
+    gpu: Option<OffloadReport>,
+}
+
+/// Whether the compressed column can run on a GPU: probed once in the background (opening the driver and compiling
+/// the kernels with NVRTC takes a moment where CUDA exists, and nothing where it does not).
+#[derive(Default)]
+pub struct GpuState {
+    pub probe: Option<Job<Result<Arc<CudaDevice>, String>>>,
+    /// The device, or why there is none; `None` until the probe ends.
+    pub device: Option<Result<Arc<CudaDevice>, String>>,
+    /// The user's switch: run the compressed variant's linears on the GPU.
+    pub use_gpu: bool,
 }
 
 #[derive(Default)]
@@ -114,6 +132,7 @@ pub struct ChatState {
     waiting: bool,
     /// Times the last turn was regenerated (added to the seed, so a sampled reply changes).
     regenerations: u64,
+    pub gpu: GpuState,
 }
 
 impl ChatState {
@@ -122,11 +141,18 @@ impl ChatState {
     }
 }
 
-/// Packs a copy of `model` with its integer linears.
-fn pack(variant: u64, model: Arc<LoadedModel>, quantized: Arc<BTreeMap<String, QuantizedLinear>>, sink: &Sink<PackMsg>) {
+/// Packs a copy of `model` with its integer linears, then offloads what the GPU kernels run when `gpu` is given.
+fn pack(
+    variant: u64,
+    model: Arc<LoadedModel>,
+    quantized: Arc<BTreeMap<String, QuantizedLinear>>,
+    gpu: Option<Arc<CudaDevice>>,
+    sink: &Sink<PackMsg>,
+) {
     let mut m = Box::new((*model).clone());
     let report = pack_model(&mut m.model, &quantized);
-    sink.send(PackMsg { variant, model: m, report });
+    let gpu = gpu.map(|dev| offload_cuda(&mut m.model, &dev));
+    sink.send(PackMsg { variant, model: m, report, gpu });
 }
 
 /// Generates one reply, streaming its text.
@@ -163,12 +189,31 @@ impl AppState {
         if c.packed.as_ref().is_some_and(|p| p.variant == id) {
             return;
         }
+        self.chat_repack(ctx);
+    }
+
+    /// Packs the chosen variant again (after the GPU switch moved), on the device the switch says.
+    pub fn chat_repack(&mut self, ctx: &egui::Context) {
+        let c = &mut self.chat;
+        let Some(id) = c.variant else { return };
         let Some(v) = self.variants.iter().find(|v| v.id == id) else { return };
         let (model, quantized) = (v.model.clone(), v.quantized.clone());
+        let gpu = match &c.gpu.device {
+            Some(Ok(dev)) if c.gpu.use_gpu => Some(dev.clone()),
+            _ => None,
+        };
         c.packed = None;
         c.columns[1].weight_bytes = 0;
         // A pack job for another variant is dropped: its result would be ignored anyway.
-        c.pack_job = Some(Job::spawn(format!("Packing {}", v.name), ctx, move |s| pack(id, model, quantized, s)));
+        c.pack_job = Some(Job::spawn(format!("Packing {}", v.name), ctx, move |s| pack(id, model, quantized, gpu, s)));
+    }
+
+    /// Starts the GPU probe the first time the pane asks.
+    pub fn chat_probe_gpu(&mut self, ctx: &egui::Context) {
+        let g = &mut self.chat.gpu;
+        if g.device.is_none() && g.probe.is_none() {
+            g.probe = Some(Job::spawn("Looking for a CUDA GPU", ctx, |s| s.send(cuda_available().map(Arc::new))));
+        }
     }
 
     /// Sends the typed message to both models.
@@ -269,10 +314,10 @@ impl AppState {
     pub fn poll_chat(&mut self, ctx: &egui::Context) {
         if let Some(job) = &mut self.chat.pack_job {
             let (events, ended) = job.poll();
-            for PackMsg { variant, model, report } in events {
+            for PackMsg { variant, model, report, gpu } in events {
                 if Some(variant) == self.chat.variant {
                     self.chat.columns[1].weight_bytes = weight_bytes(&model.model);
-                    self.chat.packed = Some(Packed { variant, model: Arc::from(model), report });
+                    self.chat.packed = Some(Packed { variant, model: Arc::from(model), report, gpu });
                 }
             }
             if let Some(ended) = ended {
@@ -281,6 +326,22 @@ impl AppState {
                     self.error(format!("Packing the variant failed with an internal error: {why}"));
                 }
                 self.chat_continue(ctx);
+            }
+        }
+        if let Some(job) = &mut self.chat.gpu.probe {
+            let (events, ended) = job.poll();
+            if let Some(found) = events.into_iter().last() {
+                self.chat.gpu.device = Some(found);
+            }
+            if let Some(ended) = ended {
+                self.chat.gpu.probe = None;
+                if self.chat.gpu.device.is_none() {
+                    let why = match ended {
+                        Ended::Panicked(why) => format!("the CUDA probe failed: {why}"),
+                        _ => "the CUDA probe ended without an answer".into(),
+                    };
+                    self.chat.gpu.device = Some(Err(why));
+                }
             }
         }
         for side in 0..2 {

@@ -7,6 +7,8 @@ use super::config::ModelConfig;
 use super::kv_cache::{ensure, KvCache, LayerCache, Scratch};
 use super::rope::Rope;
 use rayon::prelude::*;
+use std::sync::Arc;
+use whittle_kernels::cuda::CudaLinear;
 use whittle_kernels::{DenseWeight, Weight};
 
 /// The seven linears of a block, in the order calibration visits them.
@@ -42,11 +44,30 @@ impl Site {
 pub struct Linear {
     pub weight: Weight,
     pub bias: Option<Vec<f32>>,
+    /// The same weight in GPU memory when the runtime offloaded it (`runtime::offload_cuda`); the forward pass then
+    /// runs it there. Whoever replaces `weight` afterwards must clear this.
+    pub cuda: Option<Arc<CudaLinear>>,
 }
 
 impl Linear {
+    pub fn new(weight: Weight, bias: Option<Vec<f32>>) -> Linear {
+        Linear { weight, bias, cuda: None }
+    }
+
     pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        self.weight.matmul(x, n, y);
+        match &self.cuda {
+            // A failed launch (device lost, out of memory) falls back to the host weight, which is still there, says
+            // so once, and keeps that linear on the CPU from then on.
+            Some(c) => {
+                if let Err(why) = c.matmul(x, n, y) {
+                    if c.note_failure() {
+                        eprintln!("CUDA GEMV failed, running this linear on the CPU: {why}");
+                    }
+                    self.weight.matmul(x, n, y);
+                }
+            }
+            None => self.weight.matmul(x, n, y),
+        }
         if let Some(b) = &self.bias {
             for row in y.chunks_mut(b.len()) {
                 for (o, bi) in row.iter_mut().zip(b) {

@@ -92,7 +92,7 @@ pub fn load_linear(store: &WeightStore, name: &str, rows: usize, cols: usize, bi
     let weight = Weight::Dense(store.dense(&format!("{name}.weight"), rows, cols)?);
     let bias_name = format!("{name}.bias");
     let bias = if bias || store.contains(&bias_name) { Some(store.f32_vec(&bias_name, &[rows])?) } else { None };
-    Ok(Linear { weight, bias })
+    Ok(Linear::new(weight, bias))
 }
 
 /// Builds one linear stored as `scheme` (a quantized checkpoint's layout, or dense), returning the imported integer
@@ -112,7 +112,7 @@ pub fn load_linear_as(
     };
     let bias_name = format!("{name}.bias");
     let bias = if bias || store.contains(&bias_name) { Some(store.f32_vec(&bias_name, &[rows])?) } else { None };
-    Ok((Linear { weight, bias }, quant))
+    Ok((Linear::new(weight, bias), quant))
 }
 
 /// Builds the model from a config and an opened store of a float checkpoint.
@@ -164,7 +164,7 @@ pub fn build_model_with(
     let norm = store.f32_vec("model.norm.weight", &[d])?;
     let head_stored = store.names().any(|n| n.starts_with("lm_head."));
     let lm_head = if cfg.tie_word_embeddings && !head_stored {
-        Linear { weight: Weight::Dense(embed.clone()), bias: None }
+        Linear::new(Weight::Dense(embed.clone()), None)
     } else {
         linear("lm_head".into(), v, d, false)?
     };

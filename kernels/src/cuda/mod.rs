@@ -9,11 +9,17 @@
 //! 512 contiguous bytes, so no second layout has to be kept in sync. Activations are permuted/padded on the host
 //! (the same `prepare` the CPU uses) and uploaded per call; this backend serves batch-1 decoding and the
 //! bandwidth comparison, not prefill.
+//!
+//! [`CudaLinear`] is what the decode runtime holds per linear layer (`core::runtime::offload_cuda`): the weight in
+//! device memory plus reusable device buffers for one token's input and output. A prompt of `n` tokens runs `n`
+//! GEMVs; there is no batched kernel yet.
 
 use crate::dense::{DType, DenseWeight};
 use crate::packed::PackedWeight;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use std::sync::Arc;
+use crate::Weight;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// CUDA C source of every kernel here (compiled with NVRTC on first use).
 pub const KERNELS_CU: &str = include_str!("kernels.cu");
@@ -224,6 +230,117 @@ impl CudaDevice {
     }
 }
 
+/// A linear layer's weight in device memory with its per-token buffers, for the decode runtime. The host weight
+/// stays where it is (the runtime falls back to it if a launch fails, and export reads it).
+pub struct CudaLinear {
+    dev: Arc<CudaDevice>,
+    weight: DeviceWeight,
+    /// Device input/output buffers and host staging, reused by every call (one token at a time).
+    io: Mutex<Io>,
+    /// Set by the first failed call: later calls fail at once, so the caller's CPU fallback takes over for good.
+    failed: AtomicBool,
+}
+
+enum DeviceWeight {
+    Int4(Box<CudaInt4Weight>),
+    F16(CudaF16Weight),
+}
+
+struct Io {
+    /// Prepared activations (int4: `padded` floats; f16: `cols`).
+    x: CudaSlice<f32>,
+    /// Per-group activation sums (int4 only; one element otherwise).
+    sx: CudaSlice<f32>,
+    y: CudaSlice<f32>,
+    host_x: Vec<f32>,
+    host_sx: Vec<f32>,
+}
+
+impl std::fmt::Debug for CudaLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.weight {
+            DeviceWeight::Int4(_) => "int4",
+            DeviceWeight::F16(_) => "f16",
+        };
+        write!(f, "CudaLinear({kind}, {} bytes on {})", self.device_bytes(), self.dev.name())
+    }
+}
+
+impl CudaLinear {
+    /// Uploads `w` when a kernel here runs its layout (4-bit packed, f16 dense); otherwise says why it stays on the
+    /// CPU.
+    pub fn upload(dev: &Arc<CudaDevice>, w: &Weight) -> Result<CudaLinear, String> {
+        let alloc = err("alloc");
+        let (weight, xlen, sxlen, rows) = match w {
+            Weight::Packed(p) => {
+                let d = dev.upload_int4(p)?;
+                let (padded, ng) = (p.layout.padded, d.ng);
+                (DeviceWeight::Int4(Box::new(d)), padded, ng, p.rows)
+            }
+            Weight::Dense(d) if d.dtype == DType::F16 => (DeviceWeight::F16(dev.upload_f16(d)?), d.cols, 1, d.rows),
+            Weight::Dense(d) => return Err(format!("{:?} dense weights have no CUDA kernel (f16 only)", d.dtype)),
+            Weight::Sparse24(_) => return Err("2:4 sparse weights have no CUDA kernel yet".into()),
+        };
+        let s = &dev.stream;
+        let io = Io {
+            x: s.alloc_zeros::<f32>(xlen).map_err(&alloc)?,
+            sx: s.alloc_zeros::<f32>(sxlen).map_err(&alloc)?,
+            y: s.alloc_zeros::<f32>(rows).map_err(&alloc)?,
+            host_x: vec![0.0; xlen],
+            host_sx: vec![0.0; sxlen],
+        };
+        Ok(CudaLinear { dev: dev.clone(), weight, io: Mutex::new(io), failed: AtomicBool::new(false) })
+    }
+
+    /// Bytes the weight occupies in device memory.
+    pub fn device_bytes(&self) -> usize {
+        match &self.weight {
+            DeviceWeight::Int4(w) => w.streamed_bytes + w.nw * 8,
+            DeviceWeight::F16(w) => w.rows * w.cols * 2,
+        }
+    }
+
+    /// Marks this linear as failed; true the first time (so the caller reports it once).
+    pub fn note_failure(&self) -> bool {
+        !self.failed.swap(true, Ordering::Relaxed)
+    }
+
+    /// y = x Wᵀ for `n` tokens (`x` is `n × cols`, `y` is `n × rows`), one GEMV per token. Fails at once after
+    /// [`Self::note_failure`].
+    pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) -> Result<(), String> {
+        if self.failed.load(Ordering::Relaxed) {
+            return Err("an earlier call on this linear failed".into());
+        }
+        let (rows, cols) = match &self.weight {
+            DeviceWeight::Int4(w) => (w.rows, w.cols),
+            DeviceWeight::F16(w) => (w.rows, w.cols),
+        };
+        assert!(x.len() == n * cols && y.len() == n * rows, "x must be n × cols and y n × rows");
+        let mut guard = self.io.lock().map_err(|_| "CUDA buffers poisoned by an earlier panic".to_string())?;
+        let io = &mut *guard;
+        let s = &self.dev.stream;
+        let (up, down) = (err("upload"), err("download"));
+        for t in 0..n {
+            let xt = &x[t * cols..(t + 1) * cols];
+            match &self.weight {
+                DeviceWeight::Int4(w) => {
+                    w.host.layout.prepare(xt, 1, cols, &mut io.host_x, &mut io.host_sx);
+                    s.memcpy_htod(&io.host_x, &mut io.x).map_err(&up)?;
+                    s.memcpy_htod(&io.host_sx, &mut io.sx).map_err(&up)?;
+                    self.dev.launch_int4(w, &io.x, &io.sx, &mut io.y)?;
+                }
+                DeviceWeight::F16(w) => {
+                    s.memcpy_htod(xt, &mut io.x).map_err(&up)?;
+                    self.dev.launch_f16(w, &io.x, &mut io.y)?;
+                }
+            }
+            // A copy into a plain host slice synchronizes the stream before returning (cudarc's SyncOnDrop).
+            s.memcpy_dtoh(&io.y, &mut y[t * rows..(t + 1) * rows]).map_err(&down)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +397,35 @@ mod tests {
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "f16 GPU {a} vs CPU {b}");
         }
+    }
+    /// The runtime's per-linear path: `CudaLinear` over two tokens against the CPU kernels, or a skip line.
+    #[test]
+    fn cuda_linear_matches_cpu_or_skips() {
+        let dev = match cuda_available() {
+            Ok(d) => Arc::new(d),
+            Err(why) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+        };
+        let (rows, cols, g) = (19usize, 300usize, 64usize);
+        let ng = cols.div_ceil(g);
+        let codes: Vec<u8> = (0..rows * cols).map(|i| (i * 5 % 16) as u8).collect();
+        let scales: Vec<f32> = (0..rows * ng).map(|i| 0.02 + (i % 7) as f32 * 0.001).collect();
+        let zeros: Vec<u8> = (0..rows * ng).map(|i| (i * 3 % 16) as u8).collect();
+        let parts = QuantParts { rows, cols, bits: 4, group_size: g, codes: &codes, scales: &scales, zeros: &zeros, g_idx: None };
+        let w = Weight::Packed(PackedWeight::new(parts).unwrap());
+        let x: Vec<f32> = (0..2 * cols).map(|i| ((i * 11 % 23) as f32 - 11.0) / 11.0).collect();
+        let mut want = vec![0.0; 2 * rows];
+        w.matmul(&x, 2, &mut want);
+        let lin = CudaLinear::upload(&dev, &w).unwrap();
+        let mut got = vec![f32::NAN; 2 * rows];
+        lin.matmul(&x, 2, &mut got).unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            // The CPU's single-token default rounds activations to int16 (2⁻¹⁶ of a block's max); the GPU is f32.
+            assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "CudaLinear {a} vs CPU {b}");
+        }
+        let dense_f32 = DenseWeight::from_f32(rows, cols, vec![0.5; rows * cols]);
+        assert!(CudaLinear::upload(&dev, &Weight::Dense(dense_f32)).unwrap_err().contains("no CUDA kernel"));
     }
 }

@@ -59,6 +59,7 @@ fn settings_bar(ui: &mut egui::Ui, state: &mut AppState, ctx: &egui::Context) {
             ui.spinner();
             ui.weak("packing…");
         }
+        gpu_switch(ui, state, ctx, busy);
         ui.separator();
         let s = &mut state.chat.settings;
         ui.add_enabled_ui(!busy, |ui| {
@@ -75,6 +76,33 @@ fn settings_bar(ui: &mut egui::Ui, state: &mut AppState, ctx: &egui::Context) {
             ui.add(egui::DragValue::new(&mut s.max_tokens).range(1..=4096));
         });
     });
+}
+
+/// The compressed column's device: a switch where a CUDA GPU was found, else the CPU with why as a tooltip.
+fn gpu_switch(ui: &mut egui::Ui, state: &mut AppState, ctx: &egui::Context, busy: bool) {
+    state.chat_probe_gpu(ctx);
+    let cpu = format!("CPU ({})", whittle_kernels::Isa::best().name());
+    match &state.chat.gpu.device {
+        None => {
+            ui.spinner();
+            ui.weak("looking for a GPU…");
+        }
+        Some(Err(why)) => {
+            ui.weak(format!("on the {cpu}")).on_hover_text(why.as_str());
+        }
+        Some(Ok(dev)) => {
+            let label = format!("on the GPU ({})", dev.name());
+            let mut on = state.chat.gpu.use_gpu;
+            let changed = ui
+                .add_enabled(!busy, egui::Checkbox::new(&mut on, label))
+                .on_hover_text("Run the compressed variant's 4-bit and f16 linears with the CUDA kernels")
+                .changed();
+            if changed {
+                state.chat.gpu.use_gpu = on;
+                state.chat_repack(ctx);
+            }
+        }
+    }
 }
 
 fn column(ui: &mut egui::Ui, state: &AppState, side: usize, height: f32) {
@@ -110,6 +138,11 @@ fn column(ui: &mut egui::Ui, state: &AppState, side: usize, height: f32) {
                 }
                 let why: Vec<String> = p.report.dense.iter().map(|(n, w)| format!("{n}: {w}")).collect();
                 ui.weak(t).on_hover_text(if why.is_empty() { "Every compressed linear runs packed".into() } else { why.join("\n") });
+                if let Some(g) = &p.gpu {
+                    let why: Vec<String> = g.on_cpu.iter().map(|(n, w)| format!("{n}: {w}")).collect();
+                    ui.weak(format!("· {} linears on the GPU ({})", g.on_gpu, format::bytes(g.device_bytes as u64)))
+                        .on_hover_text(if why.is_empty() { "Every linear runs on the GPU".into() } else { why.join("\n") });
+                }
             }
         }
     });

@@ -107,3 +107,27 @@ fn matches_dequantized(dequantized: &Model, packed: &Model, prompt: &[u32], what
     eprintln!("{what}: worst logit difference / max |logit| = {worst:.2e}");
     assert!(worst <= 1e-3, "{what}: packed logits differ by {worst:.2e} of the largest logit");
 }
+
+/// `whittle bench gemv --device cuda`: with a GPU, the JSON keys plus the f16 comparison; without one, a
+/// failed run that says why.
+#[test]
+fn bench_gemv_on_cuda_measures_or_says_why() {
+    let out = Command::new(env!("CARGO_BIN_EXE_whittle"))
+        .args(["bench", "gemv", "--shape", "512x1024", "--bits", "4", "--group", "128", "--device", "cuda", "--json"])
+        .output()
+        .expect("run whittle bench gemv");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    match whittle_kernels::cuda::cuda_available() {
+        Err(why) => {
+            eprintln!("skipped the GPU measurement: {why}");
+            assert!(!out.status.success() && stderr.contains(&why), "{stderr}");
+        }
+        Ok(_) => {
+            assert!(out.status.success(), "{stderr}");
+            let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+            for key in ["seconds", "bytes_read", "gbps", "stream_gbps", "fraction_of_bandwidth", "speedup_over_f16"] {
+                assert!(v[key].as_f64().is_some_and(|f| f > 0.0), "{key} in {v}");
+            }
+        }
+    }
+}

@@ -165,7 +165,7 @@ pub struct OffloadReport {
     pub on_cpu: Vec<(String, String)>,
 }
 
-/// Uploads every linear a CUDA kernel runs (4-bit packed, f16 dense) so the forward pass runs it on `dev`; norms,
+/// Uploads every linear a CUDA kernel runs (4-bit packed, 2:4 with 4-bit values, f16 dense) so the forward pass runs it on `dev`; norms,
 /// attention, the embedding and the other linears stay on the CPU. Call it after packing or compressing: a linear
 /// whose weight is replaced later must drop its `cuda` mirror. An upload that fails (out of device memory) leaves
 /// that linear on the CPU and is reported with the rest.

@@ -2,7 +2,8 @@
 //! - `decode`: tokens/s of greedy decoding (optionally of a compressed, packed model) and resident bytes.
 //! - `prefill`: tokens/s of a full-window forward.
 //! - `layer`: one 7b-shaped decoder layer at decode, time per token vs the bytes-over-bandwidth bound.
-//! - `gemv`: one packed GEMV vs the stream-read bandwidth measured in the same run.
+//! - `gemv`: one packed GEMV vs the stream-read bandwidth measured in the same run (`--device cuda`: on the GPU, vs
+//!   its device-memory read bandwidth and the f16 GEMV).
 
 use super::plan_args::{resolve, run_compression, CalibArgs, PlanArgs};
 use anyhow::Result;
@@ -86,6 +87,9 @@ pub struct GemvArgs {
     pub q8: bool,
     #[arg(long)]
     pub threads: Option<usize>,
+    /// cpu, or cuda: the CUDA kernel against the GPU's measured memory bandwidth and the f16 GEMV of the same shape.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     #[arg(long)]
     pub json: bool,
 }
@@ -250,6 +254,11 @@ fn layer(a: LayerArgs) -> Result<()> {
 fn gemv(a: GemvArgs) -> Result<()> {
     let (r, c) = a.shape.split_once('x').ok_or_else(|| anyhow::anyhow!("--shape must be ROWSxCOLS, e.g. 4096x11008"))?;
     let shape = GemvShape { rows: r.parse()?, cols: c.parse()? };
+    match a.device.as_str() {
+        "cpu" => {}
+        "cuda" => return gemv_cuda(&a, shape),
+        other => anyhow::bail!("--device {other}: expected cpu or cuda"),
+    }
     let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let rep = bench_gemv_q8(shape, a.bits, a.group, a.sparse24, threads, a.q8)?;
     if a.json {
@@ -271,6 +280,34 @@ fn gemv(a: GemvArgs) -> Result<()> {
             rep.fraction_of_bandwidth * 100.0,
             rep.bits_per_weight,
             rep.threads
+        );
+    }
+    Ok(())
+}
+
+fn gemv_cuda(a: &GemvArgs, shape: GemvShape) -> Result<()> {
+    let dev = std::sync::Arc::new(whittle_kernels::cuda::cuda_available().map_err(|why| anyhow::anyhow!("--device cuda: {why}"))?);
+    let rep = whittle_kernels::cuda::bench::bench_gemv_cuda(&dev, shape, a.bits, a.group, a.sparse24).map_err(anyhow::Error::msg)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "seconds": rep.seconds, "bytes_read": rep.bytes_read, "gbps": rep.gbps, "stream_gbps": rep.stream_gbps,
+                "fraction_of_bandwidth": rep.fraction_of_bandwidth, "f16_seconds": rep.f16_seconds,
+                "speedup_over_f16": rep.speedup_over_f16, "device": rep.device, "label": rep.label,
+            })
+        );
+    } else {
+        println!(
+            "{} on {}: {:.1} µs, {:.0} GB/s of {:.0} GB/s device read = {:.0}%; f16 {:.1} µs, {:.2}× faster",
+            rep.label,
+            rep.device,
+            rep.seconds * 1e6,
+            rep.gbps,
+            rep.stream_gbps,
+            rep.fraction_of_bandwidth * 100.0,
+            rep.f16_seconds * 1e6,
+            rep.speedup_over_f16
         );
     }
     Ok(())

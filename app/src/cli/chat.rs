@@ -25,7 +25,7 @@ pub struct ChatArgs {
     pub plan: PlanArgs,
     #[command(flatten)]
     pub calib: CalibArgs,
-    /// cpu or cuda: the linears a CUDA kernel runs (4-bit packed, f16) go to the GPU; without a usable GPU it
+    /// cpu or cuda: the linears a CUDA kernel runs (4-bit packed, 2:4 int4, f16) go to the GPU; without a usable GPU it
     /// runs on the CPU and says why.
     #[arg(long, default_value = "cpu")]
     pub device: String,

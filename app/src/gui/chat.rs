@@ -6,7 +6,7 @@
 //! and the packed model is kept here, not repacked per message. Each column's reply is its own [`Job`], separate
 //! from the window's main job, so chatting never waits on (or blocks) a compression.
 //!
-//! Where a CUDA GPU is found, a switch in the pane packs the variant again with its 4-bit and f16 linears offloaded
+//! Where a CUDA GPU is found, a switch in the pane packs the variant again with its 4-bit, 2:4 int4 and f16 linears offloaded
 //! (`runtime::offload_cuda`); where none is, the pane says why and the switch is absent.
 
 use super::jobs::{Ended, Job, Sink};

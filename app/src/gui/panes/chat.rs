@@ -95,7 +95,7 @@ fn gpu_switch(ui: &mut egui::Ui, state: &mut AppState, ctx: &egui::Context, busy
             let mut on = state.chat.gpu.use_gpu;
             let changed = ui
                 .add_enabled(!busy, egui::Checkbox::new(&mut on, label))
-                .on_hover_text("Run the compressed variant's 4-bit and f16 linears with the CUDA kernels")
+                .on_hover_text("Run the compressed variant's 4-bit, 2:4 int4 and f16 linears with the CUDA kernels")
                 .changed();
             if changed {
                 state.chat.gpu.use_gpu = on;

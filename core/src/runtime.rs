@@ -79,7 +79,6 @@ fn packed_form(weight: &Weight, quantized: Option<&QuantizedLinear>) -> Option<R
 }
 
 impl PackReport {
-    /// Puts a packed form in place of `weight`, or records why the linear stays dense.
     /// Installs a packed weight (dropping any GPU mirror of the old one) or records why the linear stays dense.
     fn put(&mut self, name: String, lin: &mut Linear, packed: Result<Weight, String>) {
         match packed {

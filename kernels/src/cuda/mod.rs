@@ -7,17 +7,17 @@
 //!
 //! The int4 kernel runs the CPU packed layout unchanged (`packed.rs`): its 16-lane × u32 words make a warp's loads
 //! 512 contiguous bytes, so no second layout has to be kept in sync. Activations are permuted/padded on the host
-//! (the same `prepare` the CPU uses) and uploaded per call; this backend serves batch-1 decoding and the
-//! bandwidth comparison, not prefill.
+//! (the same `prepare` the CPU uses) and uploaded per call.
 //!
 //! [`CudaLinear`] is what the decode runtime holds per linear layer (`core::runtime::offload_cuda`): the weight in
-//! device memory plus reusable device buffers for one token's input and output. A prompt of `n` tokens runs `n`
-//! GEMVs; there is no batched kernel yet.
+//! device memory plus reusable device buffers for its inputs and outputs. Every kernel takes a small batch of
+//! tokens as grid rows (`blockIdx.y`), so a prompt is one launch per linear; each token re-reads the weight (from L2
+//! for small batches): these are GEMVs side by side, not a Marlin-style tiled GEMM.
 
 pub mod bench;
 
 use crate::dense::{DType, DenseWeight};
-use crate::packed::PackedWeight;
+use crate::packed::{ColumnLayout, PackedWeight};
 use crate::sparse24::Sparse24Weight;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use crate::Weight;
@@ -86,7 +86,9 @@ pub struct CudaInt4Weight {
     cols: usize,
     nw: usize,
     ng: usize,
-    host: PackedWeight,
+    /// The column layout (permutation, padding, groups) the activations are prepared with; shared with the host
+    /// weight, not a copy of its codes.
+    layout: Arc<ColumnLayout>,
     words: CudaSlice<u32>,
     scales: CudaSlice<f32>,
     zeros: CudaSlice<f32>,
@@ -142,7 +144,7 @@ impl CudaDevice {
             word_group: s.clone_htod(&l.word_group).map_err(&up)?,
             flush: s.clone_htod(&l.flush_masks).map_err(&up)?,
             streamed_bytes: w.words.len() * 4 + scales.len() * 8,
-            host: w.clone(),
+            layout: w.layout.clone(),
         })
     }
 
@@ -190,7 +192,7 @@ impl CudaDevice {
 
     /// Device buffers of prepared activations for an int4 GEMV.
     fn int4_inputs(&self, w: &CudaInt4Weight, x: &[f32]) -> Result<(CudaSlice<f32>, CudaSlice<f32>), String> {
-        let l = &*w.host.layout;
+        let l = &*w.layout;
         let mut xp = vec![0.0; l.padded];
         let mut sx = vec![0.0; w.ng];
         l.prepare(x, 1, w.cols, &mut xp, &mut sx);
@@ -259,25 +261,31 @@ impl CudaDevice {
         self.stream.clone_dtoh(&y).map_err(err("download"))
     }
 
-    /// Device-memory read bandwidth in GB/s: the best of 5 timed passes of `stream_read` over `bytes` bytes.
+    /// Device-memory read bandwidth in GB/s: `stream_read` over `bytes` bytes, 10 launches queued back to back after
+    /// one warm-up (so launch latency is amortized as it is for the GEMVs timed against it); the best of 3 such runs.
     pub fn stream_read_gbps(&self, bytes: usize) -> Result<f64, String> {
         let n4 = (bytes / 16).max(1024);
         let buf = self.stream.alloc_zeros::<f32>(n4 * 4).map_err(err("alloc"))?;
         let mut out = self.stream.alloc_zeros::<f32>(1).map_err(err("alloc"))?;
         let n4_arg = n4 as u64;
-        let mut best = 0.0f64;
-        for pass in 0..6 {
+        let cfg = LaunchConfig { grid_dim: (4096, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut launch = || -> Result<(), String> {
             let mut b = self.stream.launch_builder(&self.stream_read);
             b.arg(&buf).arg(&n4_arg).arg(&mut out);
-            let cfg = LaunchConfig { grid_dim: (4096, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            let t = std::time::Instant::now();
             // SAFETY: matches `stream_read`'s signature; buf holds n4 float4s, out one float.
             unsafe { b.launch(cfg) }.map_err(err("launch stream_read"))?;
-            self.stream.synchronize().map_err(err("sync"))?;
-            if pass > 0 {
-                // The first pass warms up (module load, clocks).
-                best = best.max((n4 * 16) as f64 / t.elapsed().as_secs_f64() / 1e9);
+            Ok(())
+        };
+        launch()?;
+        self.stream.synchronize().map_err(err("sync"))?;
+        let mut best = 0.0f64;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            for _ in 0..10 {
+                launch()?;
             }
+            self.stream.synchronize().map_err(err("sync"))?;
+            best = best.max((10 * n4 * 16) as f64 / t.elapsed().as_secs_f64() / 1e9);
         }
         Ok(best)
     }
@@ -386,7 +394,7 @@ impl CudaLinear {
                 let xt = &x[(t0 + t) * cols..(t0 + t + 1) * cols];
                 let (hx, hsx) = (&mut io.host_x[t * xlen..(t + 1) * xlen], &mut io.host_sx[t * sxlen..(t + 1) * sxlen]);
                 match &self.weight {
-                    DeviceWeight::Int4(w) => w.host.layout.prepare(xt, 1, cols, hx, hsx),
+                    DeviceWeight::Int4(w) => w.layout.prepare(xt, 1, cols, hx, hsx),
                     // Columns past `cols` stay zero (set when the buffer was made), so padded lanes add nothing.
                     DeviceWeight::F16(_) | DeviceWeight::Sparse24(_) => hx[..cols].copy_from_slice(xt),
                 }

@@ -35,7 +35,6 @@ const MAX_TOKENS_PER_LAUNCH: usize = 1024;
 
 /// A ready CUDA device: context, stream and the compiled kernels.
 pub struct CudaDevice {
-    ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     int4: CudaFunction,
     f16: CudaFunction,
@@ -77,7 +76,7 @@ pub fn cuda_available() -> Result<CudaDevice, String> {
     let sparse24 = module.load_function("gemv_sparse24_q4").map_err(err("load gemv_sparse24_q4"))?;
     let stream_read = module.load_function("stream_read").map_err(err("load stream_read"))?;
     let stream = ctx.default_stream();
-    Ok(CudaDevice { ctx, stream, int4, f16, sparse24, stream_read, name })
+    Ok(CudaDevice { stream, int4, f16, sparse24, stream_read, name })
 }
 
 /// A 4-bit packed weight in device memory.
@@ -190,16 +189,6 @@ impl CudaDevice {
         }
     }
 
-    /// Device buffers of prepared activations for an int4 GEMV.
-    fn int4_inputs(&self, w: &CudaInt4Weight, x: &[f32]) -> Result<(CudaSlice<f32>, CudaSlice<f32>), String> {
-        let l = &*w.layout;
-        let mut xp = vec![0.0; l.padded];
-        let mut sx = vec![0.0; w.ng];
-        l.prepare(x, 1, w.cols, &mut xp, &mut sx);
-        let up = err("upload");
-        Ok((self.stream.clone_htod(&xp).map_err(&up)?, self.stream.clone_htod(&sx).map_err(&up)?))
-    }
-
     fn launch_int4(
         &self,
         w: &CudaInt4Weight,
@@ -243,24 +232,6 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// y = W x for one token.
-    pub fn gemv_int4(&self, w: &CudaInt4Weight, x: &[f32]) -> Result<Vec<f32>, String> {
-        assert_eq!(x.len(), w.cols, "x must have cols entries");
-        let (xp, sx) = self.int4_inputs(w, x)?;
-        let mut y = self.stream.alloc_zeros::<f32>(w.rows).map_err(err("alloc"))?;
-        self.launch_int4(w, &xp, &sx, &mut y, 1)?;
-        self.stream.clone_dtoh(&y).map_err(err("download"))
-    }
-
-    /// y = W x for one token.
-    pub fn gemv_f16(&self, w: &CudaF16Weight, x: &[f32]) -> Result<Vec<f32>, String> {
-        assert_eq!(x.len(), w.cols, "x must have cols entries");
-        let xd = self.stream.clone_htod(x).map_err(err("upload"))?;
-        let mut y = self.stream.alloc_zeros::<f32>(w.rows).map_err(err("alloc"))?;
-        self.launch_f16(w, &xd, &mut y, 1)?;
-        self.stream.clone_dtoh(&y).map_err(err("download"))
-    }
-
     /// Device-memory read bandwidth in GB/s: `stream_read` over `bytes` bytes, 10 launches queued back to back after
     /// one warm-up (so launch latency is amortized as it is for the GEMVs timed against it); the best of 3 such runs.
     pub fn stream_read_gbps(&self, bytes: usize) -> Result<f64, String> {
@@ -288,11 +259,6 @@ impl CudaDevice {
             best = best.max((10 * n4 * 16) as f64 / t.elapsed().as_secs_f64() / 1e9);
         }
         Ok(best)
-    }
-
-    /// The context, for callers that manage their own buffers.
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
     }
 }
 
@@ -529,7 +495,13 @@ mod tests {
         let x: Vec<f32> = (0..cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 14.0).collect();
         let mut want = vec![0.0; rows];
         w.matmul(&x, 1, &mut want);
-        let got = dev.gemv_int4(&dev.upload_int4(&w).unwrap(), &x).unwrap();
+        let dev = Arc::new(dev);
+        let gemv = |w: Weight| {
+            let mut y = vec![f32::NAN; rows];
+            CudaLinear::upload(&dev, &w).unwrap().matmul(&x, 1, &mut y).unwrap();
+            y
+        };
+        let got = gemv(Weight::Packed(w));
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "int4 GPU {a} vs CPU {b}");
         }
@@ -537,7 +509,7 @@ mod tests {
         let d = DenseWeight::from_bytes(rows, cols, DType::F16, crate::SharedBytes::from_vec(halves));
         let mut want = vec![0.0; rows];
         d.matmul(&x, 1, &mut want);
-        let got = dev.gemv_f16(&dev.upload_f16(&d).unwrap(), &x).unwrap();
+        let got = gemv(Weight::Dense(d));
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "f16 GPU {a} vs CPU {b}");
         }

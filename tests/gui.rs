@@ -137,6 +137,7 @@ fn compress_all_layers_w4g32_then_plots_and_compare_fill_in() {
     no_errors(&h);
     assert!(h.query_all_by_label_contains("stories260k").next().is_some(), "the model card names the model");
     assert_eq!(h.state().state.plan.as_ref().unwrap().rows.len(), 35);
+    assert!(h.query_all_by_label_contains("Estimate: about").next().is_some(), "the plan header shows what compressing will cost");
 
     // A mixed plan first, for the model + plan screenshot: everything w4g32, the down projections 8-bit.
     set_all(&mut h, "w4g32");

@@ -7,7 +7,10 @@ use crate::compress::{Hessian, HessianAccumulator};
 use crate::error::{Result, WhittleError};
 use crate::model::kv_cache::LayerCache;
 use crate::model::{Block, Model, Resume, Scratch, Site, Tokenizer};
+use crate::spill::SpillFile;
 use rayon::prelude::*;
+use std::path::Path;
+use std::sync::Arc;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CalibSettings {
@@ -65,6 +68,10 @@ fn chunk_for(model: &Model, xs: &[Vec<f32>]) -> usize {
 /// and keeps it, the gate/up stage keeps the residual after o_proj, the down stage keeps the residual and
 /// down_proj's input, and the layer's update adds down_proj to that. Every linear then runs once per path and
 /// layer, as in one forward pass, instead of again for every later stage. Reset for every layer and path.
+///
+/// Small jobs keep the points in memory. Where they would pass the memory limit (a 7B model with 128×512 tokens:
+/// 4 GB per path), a streaming job keeps them in a [`SpillFile`] beside its checkpoint and holds only the windows
+/// being computed; without a folder, only what fits is kept and later stages recompute the rest.
 pub struct ResumeCache {
     slots: Vec<ResumeSlot>,
 }
@@ -74,22 +81,107 @@ pub struct ResumeCache {
 pub struct ResumeSlot {
     at: Option<Resume>,
     keep_mlp: bool,
+    /// Where `at` waits between stages when the cache is on disk.
+    disk: Option<SlotOnDisk>,
+}
+
+#[derive(Clone, Debug)]
+struct SlotOnDisk {
+    file: Arc<SpillFile>,
+    region: usize,
+    /// What the region holds now (`None`: nothing of this layer).
+    stored: Option<StoredResume>,
+}
+
+/// The form and lengths of a restart point written to disk.
+#[derive(Clone, Copy, Debug)]
+enum StoredResume {
+    Attention(usize),
+    Residual(usize),
+    Mlp { residual: usize, act: usize },
+}
+
+impl ResumeSlot {
+    /// Brings a restart point kept on disk back into memory, before its window runs.
+    fn load(&mut self) -> Result<()> {
+        let Some(d) = self.disk.as_mut() else { return Ok(()) };
+        let Some(stored) = d.stored.take() else { return Ok(()) };
+        let read = |lens: &[usize]| d.file.read(d.region, lens);
+        self.at = Some(match stored {
+            StoredResume::Attention(n) => Resume::Attention(read(&[n])?.remove(0)),
+            StoredResume::Residual(n) => Resume::Residual(read(&[n])?.remove(0)),
+            StoredResume::Mlp { residual, act } => {
+                let mut parts = read(&[residual, act])?;
+                let act = parts.pop().unwrap_or_default();
+                Resume::Mlp { residual: parts.pop().unwrap_or_default(), act }
+            }
+        });
+        Ok(())
+    }
+
+    /// Moves the restart point to disk, after its window ran, when the cache is on disk (else leaves it be).
+    fn unload(&mut self) -> Result<()> {
+        let Some(d) = self.disk.as_mut() else { return Ok(()) };
+        let Some(at) = self.at.take() else { return Ok(()) };
+        let (parts, stored): (Vec<&[f32]>, _) = match &at {
+            Resume::Attention(a) => (vec![a], StoredResume::Attention(a.len())),
+            Resume::Residual(r) => (vec![r], StoredResume::Residual(r.len())),
+            Resume::Mlp { residual, act } => (vec![residual, act], StoredResume::Mlp { residual: residual.len(), act: act.len() }),
+        };
+        d.file.write(d.region, &parts)?;
+        d.stored = Some(stored);
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        self.at = None;
+        if let Some(d) = self.disk.as_mut() {
+            d.stored = None;
+        }
+    }
+}
+
+/// Where a job's restart cache lives (see [`ResumeCache::placement`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CachePlacement {
+    /// In memory, with the MLP restart point or without it.
+    Memory { keep_mlp: bool },
+    /// On disk, every restart point.
+    Disk,
+    /// Nowhere: every stage recomputes the block from its input.
+    None,
 }
 
 impl ResumeCache {
-    /// Largest cache kept (per path): beyond it (long calibration of big models) attention is recomputed instead,
-    /// so streaming compression keeps its memory bound.
+    /// Largest cache kept in memory (per path): beyond it the cache goes to disk where the job has a folder, and
+    /// otherwise attention is recomputed, so streaming compression keeps its memory bound.
     pub const MAX_BYTES: usize = 512 << 20;
 
-    /// Bytes the cache holds at its largest for `tokens` calibration tokens of a model of `cfg` (0: none kept).
-    pub fn bytes_for(cfg: &crate::model::ModelConfig, tokens: usize) -> usize {
+    /// Where the cache of `windows` windows of `tokens` tokens in all goes under a memory limit of `max_bytes` per
+    /// path, with or without a folder to spill to.
+    pub fn placement(cfg: &crate::model::ModelConfig, windows: usize, tokens: usize, max_bytes: usize, can_spill: bool) -> CachePlacement {
         let (narrow, mlp) = Self::widths(cfg);
-        if tokens * mlp * 4 <= Self::MAX_BYTES {
-            tokens * mlp * 4
-        } else if tokens * narrow * 4 <= Self::MAX_BYTES {
-            tokens * narrow * 4
+        if tokens * mlp * 4 <= max_bytes {
+            CachePlacement::Memory { keep_mlp: true }
+        } else if can_spill && windows > 0 {
+            CachePlacement::Disk
+        } else if tokens * narrow * 4 <= max_bytes {
+            CachePlacement::Memory { keep_mlp: false }
         } else {
-            0
+            CachePlacement::None
+        }
+    }
+
+    /// Bytes the cache of one path holds at its largest, in memory and on disk, for `windows` windows of `ctx`
+    /// tokens under [`Self::MAX_BYTES`], placed by [`Self::placement`].
+    pub fn footprint(cfg: &crate::model::ModelConfig, windows: usize, ctx: usize, can_spill: bool) -> (usize, usize) {
+        let (narrow, mlp) = Self::widths(cfg);
+        let tokens = windows * ctx;
+        match Self::placement(cfg, windows, tokens, Self::MAX_BYTES, can_spill) {
+            CachePlacement::Memory { keep_mlp: true } => (tokens * mlp * 4, 0),
+            CachePlacement::Memory { keep_mlp: false } => (tokens * narrow * 4, 0),
+            CachePlacement::Disk => (0, SpillFile::bytes(windows, ctx * mlp)),
+            CachePlacement::None => (0, 0),
         }
     }
 
@@ -98,17 +190,26 @@ impl ResumeCache {
         (cfg.q_dim().max(cfg.hidden_size), cfg.hidden_size + cfg.intermediate_size)
     }
 
-    /// A cache for `windows` windows of `tokens` tokens in all, or `None` when even the attention outputs would
-    /// exceed [`Self::MAX_BYTES`]; the MLP restart point is kept only when it fits too.
-    pub fn new(cfg: &crate::model::ModelConfig, windows: usize, tokens: usize) -> Option<Self> {
-        let (narrow, mlp) = Self::widths(cfg);
-        let keep_mlp = tokens * mlp * 4 <= Self::MAX_BYTES;
-        (tokens * narrow * 4 <= Self::MAX_BYTES).then(|| ResumeCache { slots: vec![ResumeSlot { at: None, keep_mlp }; windows] })
+    /// A cache for `windows`, placed by [`Self::placement`] under `max_bytes` with `spill_dir` as the folder to
+    /// spill to; `None` when it would be nowhere.
+    pub fn new(cfg: &crate::model::ModelConfig, windows: &[Vec<u32>], max_bytes: usize, spill_dir: Option<&Path>) -> Result<Option<Self>> {
+        let tokens = windows.iter().map(Vec::len).sum();
+        let longest = windows.iter().map(Vec::len).max().unwrap_or(0);
+        let slot = |keep_mlp: bool, disk: Option<SlotOnDisk>| ResumeSlot { at: None, keep_mlp, disk };
+        let slots = match (Self::placement(cfg, windows.len(), tokens, max_bytes, spill_dir.is_some()), spill_dir) {
+            (CachePlacement::Memory { keep_mlp }, _) => vec![slot(keep_mlp, None); windows.len()],
+            (CachePlacement::Disk, Some(dir)) => {
+                let file = Arc::new(SpillFile::create_in(dir, windows.len(), longest * Self::widths(cfg).1)?);
+                (0..windows.len()).map(|region| slot(true, Some(SlotOnDisk { file: file.clone(), region, stored: None }))).collect()
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(ResumeCache { slots }))
     }
 
     /// Forgets the restart points (a new layer starts).
     pub fn clear(&mut self) {
-        self.slots.iter_mut().for_each(|s| s.at = None);
+        self.slots.iter_mut().for_each(ResumeSlot::clear);
     }
 
     /// The slots, one per window, as `run_block_with` takes them.
@@ -188,8 +289,9 @@ pub fn run_block_with(
         let captured: Vec<Option<Vec<f32>>> = chunk
             .par_iter_mut()
             .zip(slot_chunk.par_iter_mut())
-            .map(|(x, slot)| {
+            .map(|(x, slot)| -> Result<Option<Vec<f32>>> {
                 let n = x.len() / model.config.hidden_size;
+                slot.load()?;
                 // Taken out of the thread's slot (not borrowed: a nested rayon wait may run another window here).
                 let mut s = WINDOW_SCRATCH.with(|c| c.take());
                 let mut got = None;
@@ -244,9 +346,14 @@ pub fn run_block_with(
                     }
                 }
                 WINDOW_SCRATCH.with(|c| c.set(s));
-                got
+                if update {
+                    // The block's outputs replaced its inputs: this layer's restart points are spent.
+                    slot.clear();
+                }
+                slot.unload()?;
+                Ok(got)
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let d = model.config.hidden_size;
         let captured: Vec<Captured> = captured
             .into_iter()

@@ -172,6 +172,10 @@ pub fn job_key(model_dir: &Path, plan: &ResolvedPlan, windows: &[Vec<u32>]) -> R
 }
 
 impl Checkpoint for CheckpointDir {
+    fn spill_dir(&self) -> Option<&Path> {
+        Some(&self.dir)
+    }
+
     fn restore(&mut self, layer: usize) -> Result<Option<FinishedLayer>> {
         read_layer(&self.layer_path(layer), layer)
     }

@@ -12,6 +12,7 @@ use crate::model::{Model, Site, LINEAR_KINDS};
 use crate::plan::ResolvedPlan;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use whittle_kernels::{DenseWeight, Weight};
 
@@ -100,6 +101,11 @@ pub trait Checkpoint {
     fn restore_states(&mut self, _paths: &mut [&mut Vec<Vec<f32>>]) -> Result<Option<usize>> {
         Ok(None)
     }
+    /// A folder where the job may keep its restart cache when it does not fit in memory (`calib::ResumeCache`);
+    /// `None`: keep only what fits.
+    fn spill_dir(&self) -> Option<&Path> {
+        None
+    }
 }
 
 const STAGES: [(&str, Site, &[usize]); 4] = [
@@ -132,11 +138,19 @@ pub fn compress_model_with(
     cancelled: &(dyn Fn() -> bool + Sync),
     checkpoint: Option<&mut dyn Checkpoint>,
 ) -> Result<CompressOutput> {
-    compress_model_restarting(model, plan, windows, on_event, cancelled, checkpoint, true)
+    let spill_dir = checkpoint.as_deref().and_then(Checkpoint::spill_dir).map(Path::to_path_buf);
+    let cache = Some(CacheLimits { memory: ResumeCache::MAX_BYTES, spill_dir });
+    compress_model_restarting(model, plan, windows, on_event, cancelled, checkpoint, cache)
 }
 
-/// [`compress_model_with`], with `restart = false` recomputing every stage from the block's input instead of from
-/// the restart cache (`calib::ResumeCache`): the tests compare the two.
+/// How much of the restart cache (`calib::ResumeCache`) may stay in memory per path, and where the rest may go.
+struct CacheLimits {
+    memory: usize,
+    spill_dir: Option<PathBuf>,
+}
+
+/// [`compress_model_with`] with the restart cache's limits, or (`None`) recomputing every stage from the block's
+/// input instead: the tests compare the two.
 fn compress_model_restarting(
     model: &mut Model,
     plan: &ResolvedPlan,
@@ -144,7 +158,7 @@ fn compress_model_restarting(
     on_event: &mut dyn FnMut(CompressEvent),
     cancelled: &(dyn Fn() -> bool + Sync),
     mut checkpoint: Option<&mut dyn Checkpoint>,
-    restart: bool,
+    cache_limits: Option<CacheLimits>,
 ) -> Result<CompressOutput> {
     let start = Instant::now();
     let by_name: BTreeMap<&str, &crate::plan::ModulePlan> = plan.modules.iter().map(|m| (m.name.as_str(), m)).collect();
@@ -167,10 +181,12 @@ fn compress_model_restarting(
     }
     let mut layers = Vec::new();
     let mut quantized = BTreeMap::new();
-    let tokens: usize = windows.iter().map(Vec::len).sum();
-    let cache = || if restart { ResumeCache::new(&model.config, windows.len(), tokens) } else { None };
-    let mut resume_q = cache();
-    let mut resume_d = if feedback { cache() } else { None };
+    let cache = || match &cache_limits {
+        Some(c) => ResumeCache::new(&model.config, windows, c.memory, c.spill_dir.as_deref()),
+        None => Ok(None),
+    };
+    let mut resume_q = cache()?;
+    let mut resume_d = if feedback { cache()? } else { None };
     // A restarted job continues from the states its last finished layer saved; layers before them are not run again.
     // (Without error feedback `xs_dense` is empty and adds no states.)
     let states_after = match checkpoint.as_deref_mut() {
@@ -365,18 +381,36 @@ mod tests {
     /// input, gives bit-identical weights (same operations on the same values, in the same order).
     #[test]
     fn restart_cache_changes_nothing_but_time() {
-        let run = |restart: bool| {
+        let run = |cache: Option<CacheLimits>| {
             let (mut m, plan, windows) = small_job();
-            let out = compress_model_restarting(&mut m.model, &plan, &windows, &mut |_| {}, &|| false, None, restart).unwrap();
+            let out = compress_model_restarting(&mut m.model, &plan, &windows, &mut |_| {}, &|| false, None, cache).unwrap();
             let weights: Vec<Vec<f32>> = m.model.blocks.iter().flat_map(|b| b.linears.iter().map(|l| weight_f32(&l.weight))).collect();
             (out.layers.iter().map(|l| l.rel_error).collect::<Vec<_>>(), weights)
         };
-        let (cached, recomputed) = (run(true), run(false));
-        assert!(cached.1 == recomputed.1, "compressed weights differ");
-        // The f64 error metric reduces in parallel (faer), so its last bits depend on scheduling: 1e-12 relative.
-        for (a, b) in cached.0.iter().zip(&recomputed.0) {
-            assert!((a - b).abs() <= 1e-12 * b.abs(), "per-layer errors differ: {a} vs {b}");
+        let recomputed = run(None);
+        // Every placement `ResumeCache::new` chooses from: all in memory; attention and residual only (room for
+        // those, no folder); on disk (no memory allowed, so every restart point goes through the file).
+        let (m, _, windows) = small_job();
+        let tokens: usize = windows.iter().map(Vec::len).sum();
+        let narrow_bytes = tokens * m.model.config.q_dim().max(m.model.config.hidden_size) * 4;
+        let placement = |memory, spill| ResumeCache::placement(&m.model.config, windows.len(), tokens, memory, spill);
+        assert_eq!(placement(narrow_bytes, false), crate::calib::CachePlacement::Memory { keep_mlp: false });
+        assert_eq!(placement(0, true), crate::calib::CachePlacement::Disk);
+        let spill = tempfile::tempdir().unwrap();
+        for (what, limits) in [
+            ("in memory", CacheLimits { memory: ResumeCache::MAX_BYTES, spill_dir: None }),
+            ("in memory without the MLP point", CacheLimits { memory: narrow_bytes, spill_dir: None }),
+            ("on disk", CacheLimits { memory: 0, spill_dir: Some(spill.path().to_path_buf()) }),
+        ] {
+            let cached = run(Some(limits));
+            assert!(cached.1 == recomputed.1, "compressed weights differ with the cache {what}");
+            // The f64 error metric reduces in parallel (faer), so its last bits depend on scheduling: 1e-12 relative.
+            for (a, b) in cached.0.iter().zip(&recomputed.0) {
+                assert!((a - b).abs() <= 1e-12 * b.abs(), "per-layer errors differ with the cache {what}: {a} vs {b}");
+            }
         }
+        // The spill file has no name: nothing is left in the folder.
+        assert_eq!(std::fs::read_dir(spill.path()).unwrap().count(), 0);
     }
 
     /// A job stopped after two layers restarts from the calibration states it saved (layers 0 and 1 are not run

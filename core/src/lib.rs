@@ -15,6 +15,7 @@ pub mod plan;
 pub mod runtime;
 pub mod saved_states;
 pub mod search;
+pub mod spill;
 pub mod synth;
 
 pub use error::{Result, WhittleError};

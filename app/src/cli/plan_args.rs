@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use whittle_core::calib::{calibration_windows, CalibSettings};
 use whittle_core::compress::Method;
 use whittle_core::checkpoint::{job_key, CheckpointDir, CheckpointForms};
-use whittle_core::estimate::{check_fits, estimate};
+use whittle_core::estimate::{bytes_in, check_fits, estimate, Estimate, Mode};
 use whittle_core::compress_model::{compress_model, compress_model_with, CompressEvent, CompressOutput};
 use whittle_core::eval::read_text;
 use whittle_core::model::source::DEFAULT_CALIBRATION_TEXT;
@@ -176,11 +176,16 @@ pub fn run_compression_with(
         windows.len(),
         settings.ctx,
         rayon::current_num_threads(),
+        Mode::Streaming,
     );
+    // The checkpoint folder's files are counted in the disk figure but take no new space: a resumed job keeps
+    // them, and --restart deletes them first.
+    let present = bytes_in(r.dir);
     if !quiet {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let held = if present > 0 { format!(" ({:.2} GiB of it already in {})", gib(present), r.dir.display()) } else { String::new() };
         eprintln!(
-            "estimate: peak memory {:.2} GiB (compressing {:.2}, exporting {:.2}), disk {:.2} GiB, time ~{:.0} s (order of magnitude)",
+            "estimate: peak memory {:.2} GiB (compressing {:.2}, exporting {:.2}), disk {:.2} GiB{held}, time ~{:.0} s (order of magnitude)",
             gib(est.peak_bytes()),
             gib(est.compress_peak_bytes),
             gib(est.export_peak_bytes),
@@ -188,7 +193,8 @@ pub fn run_compression_with(
             est.seconds
         );
     }
-    check_fits(&est, Some(r.dir)).map_err(|e| anyhow::anyhow!(e))?;
+    let new_space = Estimate { disk_bytes: est.disk_bytes.saturating_sub(present), ..est };
+    check_fits(&new_space, Some(r.dir)).map_err(|e| anyhow::anyhow!(e))?;
     if r.restart && r.dir.exists() {
         std::fs::remove_dir_all(r.dir).with_context(|| format!("cannot remove {}", r.dir.display()))?;
     }

@@ -133,9 +133,14 @@ impl WhittleApp {
             });
             ui.separator();
             let idle = !s.busy();
-            let ready = idle && s.plan.as_ref().is_some_and(|p| p.resolved.is_ok());
+            let refusal = match s.compress_estimate() {
+                Some((_, Err(why))) => Some(why),
+                _ => None,
+            };
+            let ready = idle && s.plan.as_ref().is_some_and(|p| p.resolved.is_ok()) && refusal.is_none();
             let compress = egui::Button::new(RichText::new("Compress").strong()).shortcut_text(keys::label(&ctx, &keys::COMPRESS));
-            if ui.add_enabled(ready, compress).on_hover_text("Calibrate and compress with the plan in the table").clicked() {
+            let hover = refusal.map_or_else(|| "Calibrate and compress with the plan in the table".to_string(), |why| format!("Cannot start: {why}"));
+            if ui.add_enabled(ready, compress).on_hover_text(&hover).on_disabled_hover_text(&hover).clicked() {
                 s.compress(&ctx);
             }
             let evaluate = egui::Button::new("Evaluate").shortcut_text(keys::label(&ctx, &keys::EVALUATE));

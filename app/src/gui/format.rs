@@ -24,13 +24,17 @@ pub fn bytes(b: u64) -> String {
     }
 }
 
-/// `3 s`, `2 min 05 s`.
+/// `under 1 s`, `3 s`, `2 min 05 s`, `9 h 07 min`.
 pub fn duration(d: Duration) -> String {
     let s = d.as_secs();
-    if s < 60 {
+    if s == 0 && !d.is_zero() {
+        "under 1 s".into()
+    } else if s < 60 {
         format!("{s} s")
-    } else {
+    } else if s < 3600 {
         format!("{} min {:02} s", s / 60, s % 60)
+    } else {
+        format!("{} h {:02} min", s / 3600, s % 3600 / 60)
     }
 }
 
@@ -50,6 +54,8 @@ mod tests {
         assert_eq!(super::count(260_416), "260.4k");
         assert_eq!(super::bytes(1_048_576), "1.05 MB");
         assert_eq!(super::duration(std::time::Duration::from_secs(125)), "2 min 05 s");
+        assert_eq!(super::duration(std::time::Duration::from_millis(300)), "under 1 s");
+        assert_eq!(super::duration(std::time::Duration::from_secs(9 * 3600 + 7 * 60 + 59)), "9 h 07 min");
         assert_eq!(super::error(0.00123), "1.23e-3");
     }
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use whittle_core::compress::types::QuantizedLinear;
 use whittle_core::compress_model::LayerResult;
+use whittle_core::estimate::{check_fits, estimate, Estimate, Mode};
 use whittle_core::eval::EvalReport;
 use whittle_core::model::LoadedModel;
 use whittle_core::plan::Plan;
@@ -207,6 +208,20 @@ impl AppState {
         self.job.is_some()
     }
 
+    /// What compressing the open model with the plan in the table and the calibration settings would cost in
+    /// the window (in memory), and why it cannot start where it would not fit; `None` without a model or a
+    /// valid plan.
+    pub fn compress_estimate(&self) -> Option<(Estimate, Result<(), String>)> {
+        let (model, editor) = (self.model.as_ref()?, self.plan.as_ref()?);
+        let resolved = editor.resolved.as_ref().ok()?;
+        let c = &self.settings.calib;
+        let dtype_bytes = model.model.embed.dtype.size() as u64;
+        let threads = rayon::current_num_threads();
+        let e = estimate(&model.model.config, resolved, dtype_bytes, c.samples, c.ctx, threads, Mode::InMemory);
+        let fits = check_fits(&e, None);
+        Some((e, fits))
+    }
+
     pub fn error(&mut self, text: impl Into<String>) {
         self.messages.push(Message { level: Level::Error, text: text.into() });
     }
@@ -256,6 +271,10 @@ impl AppState {
                 return;
             }
         };
+        if let Some((_, Err(why))) = self.compress_estimate() {
+            self.error(format!("Not compressing: {why}."));
+            return;
+        }
         let mut plan = editor.to_plan();
         let name = editor.name();
         plan.name = Some(name.clone());

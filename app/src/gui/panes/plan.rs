@@ -140,6 +140,21 @@ impl PlanPane {
                 }
             });
         });
+        if let Some((e, fits)) = state.compress_estimate() {
+            let text = format!(
+                "Estimate: about {} more memory at the peak; time {} (order of magnitude)",
+                format::bytes(e.compress_peak_bytes),
+                format::duration(std::time::Duration::from_secs_f64(e.seconds.max(0.0)))
+            );
+            let label = match &fits {
+                Ok(()) => ui.label(text),
+                Err(why) => ui.colored_label(ui.visuals().error_fg_color, format!("{text}. Cannot start: {why}.")),
+            };
+            label.on_hover_text(
+                "Compressing in the window keeps the compressed copy in memory beside the original: calibration states, \
+                 restart points, the largest layer's solver and the copy's f32 linears with their integer forms",
+            );
+        }
     }
 
     pub fn save(&mut self, state: &mut AppState) {

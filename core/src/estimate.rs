@@ -57,8 +57,8 @@ pub enum Mode {
 pub fn estimate(cfg: &ModelConfig, plan: &ResolvedPlan, dtype_bytes: u64, windows: usize, ctx: usize, cores: usize, mode: Mode) -> Estimate {
     let streaming = mode == Mode::Streaming;
     let (d, qd, kvd, im) = (cfg.hidden_size as u64, cfg.q_dim() as u64, cfg.kv_dim() as u64, cfg.intermediate_size as u64);
-    // The streaming job keeps its restart cache in memory where it fits and on disk (beside the checkpoint)
-    // where it does not; then only the restart points of the windows being computed are in memory.
+    // The restart cache is in memory where it fits; a streaming job puts it on disk (beside the checkpoint) where
+    // it does not, and then holds only the restart points of the windows being computed.
     let (cache_memory, cache_disk) = ResumeCache::footprint(cfg, windows, ctx, streaming);
     let (tokens, ctx) = ((windows * ctx) as u64, ctx as u64);
     let paths = if plan.error_feedback { 2 } else { 1 };
